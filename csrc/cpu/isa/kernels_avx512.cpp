@@ -1,0 +1,24 @@
+// The CPU inner loops built for avx512 (see kernels.h, kernels_impl.inc). Standard headers come before the
+// target pragma so that only this file's own functions carry the target. kernels_avx512() may only be called
+// once the CPU is known to support avx512 (cpu/sparse_delta.cpp checks).
+#include <cstdint>
+#include <type_traits>
+
+#include "kernels.h"
+
+#if FTCORE_CPU_MULTI_ISA
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+
+namespace ftcore::cpu {
+namespace avx512 {
+#define FTCORE_ISA_NAME "avx512"
+#include "kernels_impl.inc"
+#undef FTCORE_ISA_NAME
+}  // namespace avx512
+
+const Kernels& kernels_avx512() { return avx512::table(); }
+}  // namespace ftcore::cpu
+
+#pragma GCC pop_options
+#endif

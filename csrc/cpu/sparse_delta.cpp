@@ -1,0 +1,334 @@
+// CPU kernels of the sparse-delta ops (contract in include/ftcore/sparse_delta.h).
+//
+// sparse_delta_grad and the two products run over the tokens in chunks. A chunk of each activation is
+// transposed once into a panel (features × width, accumulation dtype), so each of the k entries costs one
+// contiguous dot product (grad) or axpy (products) of `width` lanes on data that stays in cache. The panels
+// are the only workspace: (in + out) · width elements, never out × in. The inner loops come from the best
+// instruction-set build this CPU runs (cpu/isa/).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+
+#include "cpu/isa/kernels.h"
+#include "ftcore/checks.h"
+#include "ftcore/cpu_isa.h"
+#include "ftcore/dispatch.h"
+#include "ftcore/sparse_delta.h"
+
+namespace ftcore {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Instruction-set selection
+
+namespace {
+
+using cpu::Kernels;
+
+bool cpu_runs(const std::string& name) {
+  if (name == "generic") return true;
+#if FTCORE_CPU_MULTI_ISA
+  __builtin_cpu_init();
+  if (name == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (name == "avx512")
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
+#endif
+  return false;
+}
+
+const Kernels* kernels_named(const std::string& name) {
+  if (!cpu_runs(name)) return nullptr;
+  if (name == "generic") return &cpu::kernels_generic();
+#if FTCORE_CPU_MULTI_ISA
+  if (name == "avx2") return &cpu::kernels_avx2();
+  if (name == "avx512") return &cpu::kernels_avx512();
+#endif
+  return nullptr;
+}
+
+const Kernels* initial_kernels() {
+  if (const char* forced = std::getenv("FTCORE_CPU_ISA")) {
+    if (const Kernels* k = kernels_named(forced)) return k;
+    TORCH_WARN("FTCORE_CPU_ISA=", forced, " is unknown or not supported by this CPU; picking the best supported");
+  }
+  const auto all = available_cpu_isas();
+  return kernels_named(all.back());
+}
+
+std::atomic<const Kernels*>& active() {
+  static std::atomic<const Kernels*> k{initial_kernels()};
+  return k;
+}
+
+const Kernels& kernels() { return *active().load(std::memory_order_relaxed); }
+
+}  // namespace
+
+std::string cpu_isa() { return kernels().name; }
+
+std::vector<std::string> available_cpu_isas() {
+  std::vector<std::string> out;
+  for (const char* name : {"generic", "avx2", "avx512"})
+    if (kernels_named(name)) out.emplace_back(name);
+  return out;
+}
+
+bool set_cpu_isa(const std::string& name) {
+  const Kernels* k = kernels_named(name);
+  if (k) active().store(k);
+  return k != nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Panels
+
+namespace {
+
+cpu::Elem elem_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cpu::Elem::Float;
+    case at::kDouble: return cpu::Elem::Double;
+    case at::kBFloat16: return cpu::Elem::BFloat16;
+    case at::kHalf: return cpu::Elem::Half;
+    default: TORCH_CHECK(false, "ftcore: no CPU kernel for dtype ", t);
+  }
+}
+
+cpu::StridedMatrix matrix_of(const at::Tensor& rows) {
+  return {rows.data_ptr(), elem_of(rows.scalar_type()), rows.stride(0), rows.stride(1)};
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Tokens per chunk: the panels of all `features` should fit in about 2 MB (this core's L2 and a share of L3),
+// padded to whole lane groups, and no wider than the tokens there are.
+int64_t panel_width(int64_t tokens, int64_t features, int64_t acc_bytes) {
+  constexpr int64_t kBudget = 2 << 20, kMax = 256;
+  const int64_t a = cpu::kPanelAlign;
+  int64_t w = kBudget / std::max<int64_t>(features * acc_bytes, 1);
+  w = std::clamp<int64_t>(w / a * a, a, kMax);
+  const int64_t needed = (tokens + a - 1) / a * a;
+  return std::min(w, std::max(needed, a));
+}
+
+// Loads chunk [n0, n0 + count) of two matrices into their panels in one parallel pass over both feature ranges.
+void load_panels(const Kernels& K, const cpu::StridedMatrix& a, int64_t a_features, void* a_panel,
+                 const cpu::StridedMatrix& b, int64_t b_features, void* b_panel, int64_t n0, int64_t count,
+                 int64_t width) {
+  at::parallel_for(0, a_features + b_features, 16, [&](int64_t lo, int64_t hi) {
+    if (lo < a_features) K.load_panel(a, n0, count, lo, std::min(hi, a_features), a_panel, width);
+    if (hi > a_features && b_panel)
+      K.load_panel(b, n0, count, std::max(lo, a_features) - a_features, hi - a_features, b_panel, width);
+  });
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------------
+// sparse_delta_grad: dvalues[t] = sum_n grad_output[n, row(t)] * input[n, col(t)]
+
+at::Tensor sparse_delta_grad_cpu(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& indices) {
+  const auto a = check_grad_args(grad_output, input, indices);
+  const int64_t tokens = a.input.size(0), out = a.grad_output.size(1), in = a.input.size(1);
+  const int64_t k = a.indices.numel();
+  const auto acc = acc_type(input.scalar_type());
+  auto result = at::zeros({k}, input.options().dtype(acc));
+  if (k == 0 || tokens == 0) return result;
+
+  const Kernels& K = kernels();
+  const int64_t width = panel_width(tokens, in + out, at::elementSize(acc));
+  auto x_panel = at::empty({in * width}, result.options());
+  auto g_panel = at::empty({out * width}, result.options());
+  const auto X = matrix_of(a.input), G = matrix_of(a.grad_output);
+  const bool i64 = a.indices.scalar_type() == at::kLong;
+  for (int64_t n0 = 0; n0 < tokens; n0 += width) {
+    const int64_t count = std::min(width, tokens - n0);
+    load_panels(K, X, in, x_panel.data_ptr(), G, out, g_panel.data_ptr(), n0, count, width);
+    at::parallel_for(0, k, 256, [&](int64_t t0, int64_t t1) {
+      K.dot_entries(elem_of(acc), g_panel.data_ptr(), x_panel.data_ptr(), width, a.indices.data_ptr(), i64, in, t0,
+                    t1, result.data_ptr());
+    });
+  }
+  return result;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Products: input · Δᵀ (groups = rows of Δ) and grad_output · Δ (groups = columns of Δ)
+
+namespace {
+
+// Start of each row's entries in the sorted indices: one merge pass, O(k + out).
+std::vector<int64_t> row_pointers(const at::Tensor& indices, int64_t out, int64_t in) {
+  std::vector<int64_t> ptr(out + 1, 0);
+  FTCORE_DISPATCH_INDEX(indices.scalar_type(), "row_pointers", [&] {
+    const index_t* idx = indices.data_ptr<index_t>();
+    const int64_t k = indices.numel();
+    int64_t t = 0;
+    for (int64_t r = 0; r <= out; ++r) {
+      while (t < k && static_cast<int64_t>(idx[t]) < r * in) ++t;
+      ptr[r] = t;
+    }
+  });
+  return ptr;
+}
+
+// Entries grouped by column with a stable counting sort: ptr (in + 1) and the entry order. O(k + in).
+std::pair<std::vector<int64_t>, std::vector<int64_t>> column_groups(const at::Tensor& indices, int64_t in) {
+  const int64_t k = indices.numel();
+  std::vector<int64_t> ptr(in + 1, 0), order(k);
+  FTCORE_DISPATCH_INDEX(indices.scalar_type(), "column_groups", [&] {
+    const index_t* idx = indices.data_ptr<index_t>();
+    for (int64_t t = 0; t < k; ++t) ++ptr[static_cast<int64_t>(idx[t]) % in + 1];
+    for (int64_t c = 0; c < in; ++c) ptr[c + 1] += ptr[c];
+    std::vector<int64_t> next(ptr.begin(), ptr.end() - 1);
+    for (int64_t t = 0; t < k; ++t) order[next[static_cast<int64_t>(idx[t]) % in]++] = t;
+  });
+  return {std::move(ptr), std::move(order)};
+}
+
+at::Tensor product_cpu(const ProductArgs& a, const at::Tensor& original_input, bool transpose) {
+  const int64_t tokens = a.input.size(0);
+  const int64_t operand_features = a.input.size(1);
+  const int64_t groups = a.result_features;
+  auto result = at::empty(product_shape(original_input, groups), original_input.options());
+  if (result.numel() == 0) return result;
+  auto result_rows = as_rows(result);
+  if (a.indices.numel() == 0) return result.zero_();
+
+  std::vector<int64_t> ptr, order;
+  if (transpose) {
+    std::tie(ptr, order) = column_groups(a.indices, a.in_features);
+  } else {
+    ptr = row_pointers(a.indices, a.out_features, a.in_features);
+  }
+  const cpu::EntryGroups entry_groups{ptr.data(), transpose ? order.data() : nullptr, a.indices.data_ptr(),
+                                      a.indices.scalar_type() == at::kLong, a.in_features, !transpose};
+
+  const Kernels& K = kernels();
+  const auto acc = a.values.scalar_type();
+  const int64_t width = panel_width(tokens, operand_features + groups, at::elementSize(acc));
+  auto src_panel = at::empty({operand_features * width}, a.values.options());
+  auto dst_panel = at::empty({groups * width}, a.values.options());
+  const auto src = matrix_of(a.input), dst = matrix_of(result_rows);
+  for (int64_t n0 = 0; n0 < tokens; n0 += width) {
+    const int64_t count = std::min(width, tokens - n0);
+    load_panels(K, src, operand_features, src_panel.data_ptr(), src, 0, nullptr, n0, count, width);
+    at::parallel_for(0, groups, 16, [&](int64_t g0, int64_t g1) {
+      K.group_sums(elem_of(acc), src_panel.data_ptr(), width, entry_groups, a.values.data_ptr(), g0, g1,
+                   dst_panel.data_ptr());
+    });
+    at::parallel_for(0, groups, 16, [&](int64_t g0, int64_t g1) {
+      K.store_panel(dst_panel.data_ptr(), width, count, g0, g1, dst, n0);
+    });
+  }
+  return result;
+}
+
+}  // namespace
+
+at::Tensor sparse_delta_linear_cpu(const at::Tensor& input, const at::Tensor& indices, const at::Tensor& values,
+                                   int64_t out_features) {
+  return product_cpu(check_product_args(input, indices, values, out_features, /*transpose=*/false), input, false);
+}
+
+at::Tensor sparse_delta_linear_transpose_cpu(const at::Tensor& grad_output, const at::Tensor& indices,
+                                             const at::Tensor& values, int64_t in_features) {
+  return product_cpu(check_product_args(grad_output, indices, values, in_features, /*transpose=*/true), grad_output,
+                     true);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Weight-side ops: scatter (merge / unmerge / compose) and gather
+
+namespace {
+
+// Element offset of a flat index in a strided out×in weight. Sorted indices change row rarely, so the cursor
+// divides only when they do.
+struct RowCursor {
+  int64_t in, stride0, stride1;
+  int64_t row = -1, row_start = 0;
+  int64_t offset(int64_t v) {
+    if (row < 0 || v < row_start || v >= row_start + in) {
+      row = v / in;
+      row_start = row * in;
+    }
+    return row * stride0 + (v - row_start) * stride1;
+  }
+};
+
+}  // namespace
+
+void sparse_delta_scatter_cpu(at::Tensor& weight, const at::Tensor& indices, const at::Tensor& values, double alpha,
+                              const std::optional<at::Tensor>& base) {
+  constexpr const char* op = "sparse_delta_scatter_";
+  check_scatter_args(weight, indices, values, base);
+  const int64_t k = indices.numel();
+  if (k == 0) return;
+  const auto idx = indices.contiguous();
+  const auto vals = values.to(acc_type(weight.scalar_type())).contiguous();
+  const auto base_c = base ? base->contiguous() : at::Tensor();
+  const int64_t in = weight.size(1), s0 = weight.stride(0), s1 = weight.stride(1);
+  FTCORE_DISPATCH_FLOATING(weight.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* w = weight.data_ptr<scalar_t>();
+    const acc_t* v = vals.data_ptr<acc_t>();
+    const scalar_t* b = base ? base_c.data_ptr<scalar_t>() : nullptr;
+    const acc_t a = static_cast<acc_t>(alpha);
+    FTCORE_DISPATCH_INDEX(idx.scalar_type(), op, [&] {
+      const index_t* ip = idx.data_ptr<index_t>();
+      // Entries at one position (a run of equal indices) add up and are written once, by the range that holds
+      // the run's first entry: a range skips a run begun before it and finishes the one it begins.
+      at::parallel_for(0, k, 4096, [&](int64_t t0, int64_t t1) {
+        RowCursor cursor{in, s0, s1};
+        int64_t t = t0;
+        while (t > 0 && t < t1 && ip[t] == ip[t - 1]) ++t;
+        while (t < t1) {
+          acc_t sum = v[t];
+          int64_t r = t + 1;
+          for (; r < k && ip[r] == ip[t]; ++r) sum += v[r];
+          const int64_t off = cursor.offset(ip[t]);
+          const acc_t start = b ? static_cast<acc_t>(b[t]) : static_cast<acc_t>(w[off]);
+          w[off] = static_cast<scalar_t>(a == acc_t(0) ? start : start + a * sum);  // alpha 0: exact restore
+          t = r;
+        }
+      });
+    });
+  });
+}
+
+at::Tensor sparse_delta_gather_cpu(const at::Tensor& weight, const at::Tensor& indices) {
+  constexpr const char* op = "sparse_delta_gather";
+  check_weight_args(weight, indices, op);
+  const auto idx = indices.contiguous();
+  const int64_t k = idx.numel();
+  auto result = at::empty({k}, weight.options());
+  if (k == 0) return result;
+  const int64_t in = weight.size(1), s0 = weight.stride(0), s1 = weight.stride(1);
+  FTCORE_DISPATCH_FLOATING(weight.scalar_type(), op, [&] {
+    const scalar_t* w = weight.data_ptr<scalar_t>();
+    scalar_t* r = result.data_ptr<scalar_t>();
+    FTCORE_DISPATCH_INDEX(idx.scalar_type(), op, [&] {
+      const index_t* ip = idx.data_ptr<index_t>();
+      at::parallel_for(0, k, 4096, [&](int64_t t0, int64_t t1) {
+        RowCursor cursor{in, s0, s1};
+        for (int64_t t = t0; t < t1; ++t) r[t] = w[cursor.offset(ip[t])];
+      });
+    });
+  });
+  return result;
+}
+
+TORCH_LIBRARY_IMPL(ftcore, CPU, m) {
+  m.impl("sparse_delta_grad", &sparse_delta_grad_cpu);
+  m.impl("sparse_delta_linear", &sparse_delta_linear_cpu);
+  m.impl("sparse_delta_linear_transpose", &sparse_delta_linear_transpose_cpu);
+  m.impl("sparse_delta_scatter_", &sparse_delta_scatter_cpu);
+  m.impl("sparse_delta_gather", &sparse_delta_gather_cpu);
+}
+
+}  // namespace ftcore

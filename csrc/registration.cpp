@@ -1,0 +1,72 @@
+// The one TORCH_LIBRARY(ftcore): every op's schema, declared once. Kernels register per device in cpu/ and
+// cuda/; fake (meta) impls and autograd formulas register from Python (ftcore/_fake.py, ftcore/_autograd.py).
+//
+// This file also makes ftcore/_C*.so an importable Python module (importing it runs the registrations above)
+// that reports what it was built with, so `import ftcore` can refuse a build made for another torch.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "ftcore/cpu_isa.h"
+
+#define FTCORE_STR2(x) #x
+#define FTCORE_STR(x) FTCORE_STR2(x)
+
+TORCH_LIBRARY(ftcore, m) {
+  // Sparse delta Δ of a logical out×in weight: sorted flat row-major `indices` (int32/int64) and `values`.
+  // dvalues[t] = Σ_n grad_output[n, row t] · input[n, col t], accumulated in fp32 (fp64 for float64 inputs).
+  m.def("sparse_delta_grad(Tensor grad_output, Tensor input, Tensor indices) -> Tensor");
+  // input · Δᵀ for Δ of shape out_features × input.size(-1): the unmerged forward.
+  m.def("sparse_delta_linear(Tensor input, Tensor indices, Tensor values, SymInt out_features) -> Tensor");
+  // grad_output · Δ for Δ of shape grad_output.size(-1) × in_features: the unmerged input gradient.
+  m.def(
+      "sparse_delta_linear_transpose(Tensor grad_output, Tensor indices, Tensor values, SymInt in_features) -> "
+      "Tensor");
+  // weight.flat[i] = (base[t] if base else weight.flat[i]) + alpha · Σ values[t] over the t with indices[t] = i.
+  // weight is the 2-D logical out×in view (any strides). alpha = 0 leaves the start value exactly (values unread):
+  // with base that is the bit-exact unmerge. Serves merge, unmerge and compose.
+  m.def(
+      "sparse_delta_scatter_(Tensor(a!) weight, Tensor indices, Tensor values, float alpha, Tensor? base) -> ()");
+  // weight.flat[indices] of the 2-D logical out×in view.
+  m.def("sparse_delta_gather(Tensor weight, Tensor indices) -> Tensor");
+  // The k positions (sorted, int64) with the largest |grad_outputᵀ · input|, and those magnitudes (fp32),
+  // skipping `exclude`; rows of the dense gradient are formed chunk_rows at a time (0 picks a size).
+  m.def(
+      "sparse_delta_topk(Tensor grad_output, Tensor input, int k, Tensor? exclude=None, int chunk_rows=0) -> "
+      "(Tensor, Tensor)");
+}
+
+namespace {
+
+PyObject* py_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(ftcore::cpu_isa().c_str()); }
+
+PyObject* py_available_cpu_isas(PyObject*, PyObject*) {
+  const auto names = ftcore::available_cpu_isas();
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(names.size()));
+  for (size_t i = 0; i < names.size(); ++i)
+    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), PyUnicode_FromString(names[i].c_str()));
+  return list;
+}
+
+PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (!name) return nullptr;
+  return PyBool_FromLong(ftcore::set_cpu_isa(name));
+}
+
+PyMethodDef methods[] = {
+    {"cpu_isa", py_cpu_isa, METH_NOARGS, "The instruction-set build of the CPU kernels in use."},
+    {"available_cpu_isas", py_available_cpu_isas, METH_NOARGS, "Builds of the CPU kernels this CPU runs."},
+    {"set_cpu_isa", py_set_cpu_isa, METH_O, "Switch the CPU kernels to the named build; False if unsupported."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "ftcore compiled kernels", -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&module_def);
+  if (!m) return nullptr;
+  PyModule_AddStringConstant(m, "torch_version", FTCORE_STR(FTCORE_TORCH_VERSION));
+  PyModule_AddIntConstant(m, "cuda_kernels", FTCORE_WITH_CUDA);
+  return m;
+}

@@ -1,0 +1,249 @@
+"""SparseDeltaLinear: a frozen linear layer plus a trainable sparse delta, W = W0 + Δ.
+
+Δ has k entries at fixed flat positions of the logical (out, in) weight; their values are an fp32
+``nn.Parameter`` (fp64 for a float64 base), so any optimizer, gradient accumulation and clipping just work.
+Two ways to run it, the same function either way:
+
+* merged (default): the base weight holds W0 + Δ (rounded once to its dtype), refreshed from the fp32 values
+  after each optimizer step. Forward is the base layer's one GEMM; backward is the input-gradient GEMM plus
+  ``sparse_delta_grad`` at the k positions. No weight copy per forward, no dense dW: a training step costs
+  about what a frozen layer's does.
+* unmerged: the base weight stays W0 exactly; forward adds ``sparse_delta_linear(x, Δ)``.
+
+W0's own values at the k positions are kept (``base_values``), so unmerging restores W0 bit for bit.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import check_delta_indices
+
+try:  # GPT-2 style layers keep their weight as (in, out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, but the module works without it
+    Conv1D = None
+
+ops = torch.ops.ftcore
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear or transformers' Conv1D: the layers a sparse delta can wrap."""
+    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
+
+
+def logical_weight(layer: nn.Module) -> Tensor:
+    """The (out, in) view of a linear-like layer's weight (a transposed view for Conv1D, no copy)."""
+    return layer.weight.t() if Conv1D is not None and isinstance(layer, Conv1D) else layer.weight
+
+
+def index_dtype_for(numel: int) -> torch.dtype:
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+class GradientProbe:
+    """Finds, during backward passes, the largest entries of a layer's dense weight gradient without forming it.
+
+    The first batch it sees picks `num_candidates` positions by |GᵀX| with the chunked top-k (skipping
+    `exclude`); every batch it sees, that one included, adds the exact gradient at those candidates. `best(n)`
+    then returns the n candidates with the largest accumulated |gradient|: SpIEL's accumulated-gradient
+    criterion, at O(chunk·in + candidates) memory.
+    """
+
+    def __init__(self, num_candidates: int, exclude: Optional[Tensor] = None):
+        self.num_candidates = int(num_candidates)
+        self.exclude = exclude
+        self.candidates: Optional[Tensor] = None
+        self.accumulated: Optional[Tensor] = None
+        self.batches = 0
+
+    @torch.no_grad()
+    def observe(self, grad_output: Tensor, input: Tensor) -> None:
+        if input.dtype != grad_output.dtype:
+            input = input.to(grad_output.dtype)
+        if self.candidates is None:
+            numel = grad_output.shape[-1] * input.shape[-1]
+            excluded = 0 if self.exclude is None else self.exclude.numel()
+            n = min(self.num_candidates, numel - excluded)
+            chosen, _ = ops.sparse_delta_topk(grad_output, input, n, self.exclude, 0)
+            self.candidates = chosen.to(index_dtype_for(numel))
+            self.accumulated = torch.zeros(n, dtype=torch.float32, device=input.device)
+        self.accumulated += ops.sparse_delta_grad(grad_output, input, self.candidates).float()
+        self.batches += 1
+
+    def best(self, n: int) -> Tensor:
+        """The (at most) n candidates with the largest accumulated |gradient|, sorted."""
+        if self.candidates is None:
+            raise RuntimeError("the gradient probe saw no backward pass: run forward and backward first")
+        n = min(n, self.candidates.numel())
+        top = torch.topk(self.accumulated.abs(), n, sorted=False).indices
+        return torch.sort(self.candidates[top]).values
+
+
+class _SparseDeltaLinearFunction(torch.autograd.Function):
+    """y = x · (W0 + Δ)ᵀ + b. In merged mode `weight` already holds W0 + Δ; otherwise it holds W0 and the
+    sparse product is added. Backward: dx by one GEMM (+ the sparse transpose product when unmerged),
+    dvalues by sparse_delta_grad. Saves x only when values need a gradient (or a probe watches)."""
+
+    @staticmethod
+    def forward(ctx, x, values, weight, bias, indices, merged, probe):
+        y = F.linear(x, weight, bias)
+        if not merged:
+            y = y + ops.sparse_delta_linear(x, indices, values, weight.shape[0]).to(y.dtype)
+        keep_x = values.requires_grad or probe is not None
+        ctx.save_for_backward(x if keep_x else None, values, weight, indices)
+        ctx.merged, ctx.probe, ctx.x_dtype = merged, probe, x.dtype
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        x, values, weight, indices = ctx.saved_tensors
+        g = grad_output
+        dx = dvalues = None
+        if ctx.needs_input_grad[0]:
+            w = weight if weight.dtype == g.dtype else weight.to(g.dtype)  # autocast ran the forward GEMM in g's dtype
+            dx = g.matmul(w)
+            if not ctx.merged:
+                dx = dx + ops.sparse_delta_linear_transpose(g, indices, values, weight.shape[1]).to(dx.dtype)
+            dx = dx.to(ctx.x_dtype)
+        if ctx.needs_input_grad[1] or ctx.probe is not None:
+            xg = x if x.dtype == g.dtype else x.to(g.dtype)
+            if ctx.needs_input_grad[1]:
+                dvalues = ops.sparse_delta_grad(g, xg, indices).to(values.dtype)
+            if ctx.probe is not None:
+                ctx.probe.observe(g, xg)
+        return dx, dvalues, None, None, None, None, None
+
+
+class SparseDeltaLinear(nn.Module):
+    """Drop-in for an ``nn.Linear`` or GPT-2 ``Conv1D`` with a trainable sparse delta (see the module docstring).
+
+    Args:
+        base_layer: the layer to wrap; kept as ``base_layer`` and frozen.
+        indices: sorted, distinct flat positions in the logical (out, in) weight.
+        values: initial delta values (default zeros, so the output equals the base layer's).
+        merged: run merged (one GEMM a forward, the default) or unmerged (exact W0 + sparse product).
+    """
+
+    def __init__(self, base_layer: nn.Module, indices: Tensor, values: Optional[Tensor] = None, *, merged: bool = True):
+        super().__init__()
+        if not is_linear_like(base_layer):
+            raise TypeError(f"SparseDeltaLinear wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        weight = logical_weight(base_layer)
+        self.out_features, self.in_features = weight.shape
+        value_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        self.values = nn.Parameter(torch.zeros(0, dtype=value_dtype, device=weight.device))
+        self.register_buffer("indices", torch.zeros(0, dtype=index_dtype_for(weight.numel()), device=weight.device))
+        self.register_buffer("base_values", torch.zeros(0, dtype=weight.dtype, device=weight.device))
+        self.merged = merged
+        self.disabled = False
+        self.probe: Optional[GradientProbe] = None
+        # The version of `values` that the base weight currently holds; None: it holds W0 exactly.
+        self._merged_version: Optional[int] = None
+        self.set_delta(indices, values)
+
+    # ---- the delta ----------------------------------------------------------------------------------------
+
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's weight (holding W0 + Δ while merged), for code that reads ``layer.weight``."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self.base_layer.bias
+
+    @property
+    def num_deltas(self) -> int:
+        return self.indices.numel()
+
+    def _weight(self) -> Tensor:
+        return logical_weight(self.base_layer)
+
+    @torch.no_grad()
+    def set_delta(self, indices: Tensor, values: Optional[Tensor] = None) -> None:
+        """Moves the delta to new positions (with new values, zeros by default), W0 untouched.
+
+        When the count is unchanged the values Parameter is updated in place, so an optimizer holding it keeps
+        working (its per-entry state must be remapped by the caller, as SparseDeltaScheduler does).
+        """
+        weight = self._weight()
+        check_delta_indices(indices, weight.numel(), strict=True)
+        indices = indices.to(device=weight.device, dtype=index_dtype_for(weight.numel()))
+        if values is None:
+            values = torch.zeros(indices.numel(), dtype=self.values.dtype, device=weight.device)
+        if values.shape != indices.shape:
+            raise ValueError(f"values must have one entry per index ({indices.numel()}), got shape {tuple(values.shape)}")
+        self.restore_base()
+        self.indices = indices
+        self.base_values = ops.sparse_delta_gather(weight, indices)
+        values = values.to(device=weight.device, dtype=self.values.dtype)
+        if values.shape == self.values.shape:
+            self.values.copy_(values)
+        else:
+            self.values.data = values.clone()
+
+    @torch.no_grad()
+    def restore_base(self) -> None:
+        """Writes W0 back at the delta positions, bit for bit (the base weight then holds W0 exactly)."""
+        if self._merged_version is not None:
+            ops.sparse_delta_scatter_(self._weight(), self.indices, self.values, 0.0, self.base_values)
+            self._merged_version = None
+
+    @torch.no_grad()
+    def sync_merged(self) -> None:
+        """Makes the base weight hold W0 + Δ for the current values (no-op when it already does)."""
+        version = self.values._version
+        if self._merged_version != version:
+            ops.sparse_delta_scatter_(self._weight(), self.indices, self.values, 1.0, self.base_values)
+            self._merged_version = self.values._version
+
+    @torch.no_grad()
+    def add_to_base(self, indices: Tensor, values: Tensor, alpha: float = 1.0) -> None:
+        """Adds another (frozen) sparse delta into W0 itself, e.g. to compose adapters; the trainable delta
+        stays on top of the new base."""
+        self.restore_base()
+        weight = self._weight()
+        ops.sparse_delta_scatter_(weight, indices.to(weight.device), values.to(weight.device), alpha, None)
+        self.base_values = ops.sparse_delta_gather(weight, self.indices)
+
+    def set_merged(self, merged: bool) -> None:
+        """Switch between merged (W0 + Δ in the base weight) and unmerged (W0 exactly, sparse product added)."""
+        if not merged:
+            self.restore_base()
+        self.merged = merged
+
+    def unwrap(self, *, with_delta: bool) -> nn.Module:
+        """The base layer, holding W0 + Δ (with_delta) or W0 bit for bit; the delta is dropped."""
+        if with_delta:
+            self.sync_merged()
+        else:
+            self.restore_base()
+        return self.base_layer
+
+    # ---- forward ----------------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.disabled:
+            self.restore_base()
+            return self.base_layer(x)
+        if self.merged:
+            self.sync_merged()
+        else:
+            self.restore_base()
+        return _SparseDeltaLinearFunction.apply(
+            x, self.values, self._weight(), self.base_layer.bias, self.indices, self.merged, self.probe
+        )
+
+    def extra_repr(self) -> str:
+        density = self.num_deltas / max(self.out_features * self.in_features, 1)
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, num_deltas={self.num_deltas} "
+            f"({density:.3%}), merged={self.merged}"
+        )

@@ -1,0 +1,135 @@
+"""Typed wrappers over ``torch.ops.ftcore.*``: the sparse-delta family.
+
+A sparse delta Δ of a logical ``out × in`` weight is a pair of 1-D tensors: ``indices`` (int32 or int64 flat
+row-major positions, sorted, each in ``[0, out·in)``) and ``values``. Entry t sits at row ``indices[t] // in``,
+column ``indices[t] % in``; repeated positions add up. Activations are ``(..., features)`` tensors.
+
+On the CPU the kernels check index values themselves. On CUDA they only trip a device-side assert (checking
+would cost a host synchronisation per call), so these wrappers check CUDA indices here, once per call; the
+modules, which validate their indices when they are set, call the ops directly.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "sparse_delta_grad",
+    "sparse_delta_linear",
+    "sparse_delta_linear_transpose",
+    "sparse_delta_scatter_",
+    "sparse_delta_gather",
+    "sparse_delta_topk",
+    "check_delta_indices",
+]
+
+
+def check_delta_indices(indices: Tensor, numel: int, *, name: str = "indices", strict: bool = False) -> None:
+    """Raises a clear error unless `indices` is a 1-D int32/int64 tensor, sorted (strictly increasing when
+    `strict`, i.e. no duplicates), with every entry in [0, numel). Costs one host sync for a CUDA tensor."""
+    if not isinstance(indices, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(indices).__name__}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {indices.dtype}")
+    if indices.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(indices.shape)}")
+    if indices.numel() == 0:
+        return
+    lo, hi = int(indices.min()), int(indices.max())
+    if lo < 0 or hi >= numel:
+        bad = lo if lo < 0 else hi
+        raise IndexError(f"{name} holds {bad}, out of range for a weight with {numel} entries")
+    steps = indices[1:] - indices[:-1]
+    if indices.numel() > 1 and bool((steps <= 0).any() if strict else (steps < 0).any()):
+        first = int(torch.nonzero(steps <= 0 if strict else steps < 0)[0])
+        what = "strictly increasing (no duplicates)" if strict else "sorted (non-decreasing)"
+        raise ValueError(
+            f"{name} must be {what}, but {name}[{first}] = {int(indices[first])} and "
+            f"{name}[{first + 1}] = {int(indices[first + 1])}"
+        )
+
+
+def _check_cuda(indices: Tensor, numel: int) -> None:
+    if isinstance(indices, Tensor) and indices.is_cuda:
+        check_delta_indices(indices, numel)
+
+
+def sparse_delta_grad(grad_output: Tensor, input: Tensor, indices: Tensor) -> Tensor:
+    """Weight gradient of a linear layer at the k delta positions only.
+
+    grad_output: (..., out); input: (..., in), same leading dims and dtype; indices: (k,).
+    Returns (k,) float32 (float64 for float64 inputs). Same as
+    ``(grad_output.reshape(-1, out).T @ input.reshape(-1, in)).flatten()[indices]`` accumulated in fp32,
+    without ever forming the out × in gradient.
+    """
+    _check_cuda(indices, grad_output.shape[-1] * input.shape[-1])
+    return torch.ops.ftcore.sparse_delta_grad.default(grad_output, input, indices)
+
+
+def sparse_delta_linear(input: Tensor, indices: Tensor, values: Tensor, out_features: int) -> Tensor:
+    """``input @ Δᵀ`` for Δ of shape (out_features, in): (..., in) -> (..., out_features), in input's dtype.
+
+    Same as ``F.linear(input, delta_dense)`` where ``delta_dense.flatten().index_add_(0, indices, values)``.
+    """
+    _check_cuda(indices, out_features * input.shape[-1])
+    return torch.ops.ftcore.sparse_delta_linear.default(input, indices, values, out_features)
+
+
+def sparse_delta_linear_transpose(grad_output: Tensor, indices: Tensor, values: Tensor, in_features: int) -> Tensor:
+    """``grad_output @ Δ`` for Δ of shape (out, in_features): (..., out) -> (..., in_features).
+
+    The input gradient of :func:`sparse_delta_linear`.
+    """
+    _check_cuda(indices, grad_output.shape[-1] * in_features)
+    return torch.ops.ftcore.sparse_delta_linear_transpose.default(grad_output, indices, values, in_features)
+
+
+def sparse_delta_scatter_(
+    weight: Tensor, indices: Tensor, values: Tensor, alpha: float = 1.0, base: Optional[Tensor] = None
+) -> None:
+    """In place on the 2-D logical (out, in) weight (any strides; pass ``conv1d.weight.t()`` for GPT-2)::
+
+        weight.flat[i] = start + alpha * sum(values[t] for t with indices[t] == i)
+        start = base[t] if base is given else weight.flat[i]
+
+    computed in fp32 (fp64 for float64 weights) and rounded once. ``alpha == 0`` with ``base`` writes ``base``
+    exactly without reading ``values`` (bit-exact unmerge). Not differentiable.
+    """
+    _check_cuda(indices, weight.numel())
+    torch.ops.ftcore.sparse_delta_scatter_.default(weight, indices, values, float(alpha), base)
+
+
+def sparse_delta_gather(weight: Tensor, indices: Tensor) -> Tensor:
+    """``weight.flat[indices]`` of the 2-D logical (out, in) weight (any strides), in weight's dtype."""
+    _check_cuda(indices, weight.numel())
+    return torch.ops.ftcore.sparse_delta_gather.default(weight, indices)
+
+
+def sparse_delta_topk(
+    grad_output: Tensor,
+    input: Tensor,
+    k: int,
+    *,
+    candidates: Optional[Tensor] = None,
+    exclude: Optional[Tensor] = None,
+    chunk_rows: int = 0,
+) -> Tuple[Tensor, Tensor]:
+    """The k weight positions with the largest dense-gradient magnitude ``|grad_outputᵀ · input|``.
+
+    Over the whole out × in matrix (minus `exclude`), rows of the gradient are formed `chunk_rows` at a time
+    (0 picks about 2^20 entries a chunk), so memory stays O(chunk_rows · in + k). Over a `candidates` set, the
+    exact gradient is taken there with :func:`sparse_delta_grad`. Returns (indices int64 sorted, magnitudes fp32).
+    """
+    if candidates is not None:
+        if exclude is not None:
+            raise ValueError("pass either candidates or exclude, not both")
+        scores = sparse_delta_grad(grad_output, input, candidates).abs().float()
+        if not 0 <= k <= scores.numel():
+            raise ValueError(f"k must be in [0, {scores.numel()}] (the number of candidates), got {k}")
+        top = torch.topk(scores, k, sorted=False)
+        chosen, order = torch.sort(candidates.long()[top.indices])
+        return chosen, top.values[order]
+    if exclude is not None:
+        _check_cuda(exclude, grad_output.shape[-1] * input.shape[-1])
+    return torch.ops.ftcore.sparse_delta_topk.default(grad_output, input, k, exclude, chunk_rows)

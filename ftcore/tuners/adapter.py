@@ -1,0 +1,176 @@
+"""Adapter files: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+For each adapted layer ``name`` the safetensors file holds ``name.indices`` (int32, or int64 for weights of
+2^31 entries or more) and ``name.values`` (float32): 8 bytes per delta entry. The JSON records the method, its
+config, each layer's logical (out, in) shape and delta count, and the SHA-256 of the safetensors file, so a
+truncated, corrupted or swapped file is refused rather than half-applied.
+
+Loading validates everything (names, shapes, dtypes, index ranges and order, checksum) before it touches the
+model, so a failed load leaves the model unchanged. Saving never overwrites an adapter unless asked, and writes
+each file under a temporary name first, so an interrupted save cannot leave a half-written file.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .._version import __version__
+from ..nn.sparse_delta import SparseDeltaLinear, index_dtype_for, is_linear_like, logical_weight
+from ..ops import check_delta_indices
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LayerDelta:
+    shape: Tuple[int, int]
+    indices: Tensor
+    values: Tensor
+
+
+@dataclass
+class Adapter:
+    """A sparse-delta adapter read from disk and checked on its own (not yet against a model)."""
+
+    path: str
+    method: str
+    config: dict
+    layers: Dict[str, LayerDelta]
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomically(final_path: str, write) -> None:
+    directory = os.path.dirname(final_path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, final_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save(path: str, method: str, config: dict, layers: Dict[str, LayerDelta], base_model: dict, overwrite: bool) -> None:
+    os.makedirs(path, exist_ok=True)
+    targets = [os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)]
+    existing = [t for t in targets if os.path.exists(t)]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists; pass overwrite=True to replace the adapter saved there")
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"{name}.indices"] = layer.indices.detach().to("cpu", index_dtype_for(layer.shape[0] * layer.shape[1])).contiguous()
+        tensors[f"{name}.values"] = layer.values.detach().to("cpu", torch.float32).contiguous()
+    weights_path = os.path.join(path, WEIGHTS_NAME)
+    _write_atomically(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "method": method}))
+    record = {
+        "ftcore_version": __version__,
+        "format_version": FORMAT_VERSION,
+        "method": method,
+        "config": config,
+        "base_model": base_model,
+        "layers": {name: {"shape": list(layer.shape), "num_deltas": layer.indices.numel()} for name, layer in layers.items()},
+        "weights_sha256": _sha256(weights_path),
+    }
+
+    def write_json(tmp):
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=2, sort_keys=True)
+
+    _write_atomically(os.path.join(path, CONFIG_NAME), write_json)
+
+
+def read(path: str) -> Adapter:
+    """Reads and checks an adapter directory on its own terms. Raises FileNotFoundError / ValueError."""
+    config_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
+    for p in (config_path, weights_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{p} not found: {path} is not an ftcore adapter directory")
+    try:
+        with open(config_path) as f:
+            record = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{config_path} is not valid JSON (corrupted?): {exc}") from exc
+    for key in ("format_version", "method", "layers", "weights_sha256"):
+        if key not in record:
+            raise ValueError(f"{config_path} lacks {key!r}: not an ftcore adapter config")
+    if record["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"{config_path} has format_version {record['format_version']}; this ftcore reads {FORMAT_VERSION}")
+    if _sha256(weights_path) != record["weights_sha256"]:
+        raise ValueError(
+            f"{weights_path} does not match the checksum in {CONFIG_NAME}: the file was truncated, corrupted "
+            "or replaced; refusing to load it"
+        )
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{weights_path} is not a readable safetensors file: {exc}") from exc
+
+    layers = {}
+    expected = set()
+    for name, meta in record["layers"].items():
+        shape = tuple(meta.get("shape", ()))
+        if len(shape) != 2 or not all(isinstance(s, int) and s > 0 for s in shape):
+            raise ValueError(f"{config_path}: layer {name!r} has an invalid shape {meta.get('shape')!r}")
+        keys = (f"{name}.indices", f"{name}.values")
+        expected.update(keys)
+        missing = [k for k in keys if k not in tensors]
+        if missing:
+            raise ValueError(f"{weights_path} lacks {missing[0]!r} listed in {CONFIG_NAME}")
+        indices, values = tensors[keys[0]], tensors[keys[1]]
+        if values.dtype != torch.float32 or values.dim() != 1:
+            raise ValueError(f"{keys[1]} must be 1-D float32, got {values.dtype} of shape {tuple(values.shape)}")
+        try:
+            check_delta_indices(indices, shape[0] * shape[1], name=keys[0], strict=True)
+        except (TypeError, ValueError, IndexError) as exc:
+            raise ValueError(f"{weights_path}: {exc}") from exc
+        if indices.numel() != values.numel() or indices.numel() != meta.get("num_deltas"):
+            raise ValueError(
+                f"{weights_path}: layer {name!r} has {indices.numel()} indices and {values.numel()} values, "
+                f"{CONFIG_NAME} says {meta.get('num_deltas')}"
+            )
+        layers[name] = LayerDelta(shape, indices, values)
+    unknown = sorted(set(tensors) - expected)
+    if unknown:
+        raise ValueError(f"{weights_path} holds tensors not listed in {CONFIG_NAME}: {unknown[:3]}")
+    return Adapter(path, record["method"], record.get("config", {}), layers)
+
+
+def match_model(model: nn.Module, adapter: Adapter, *, allow_wrapped: bool) -> List[Tuple[str, nn.Module]]:
+    """The model's layer for each adapter layer, checked for kind and shape. `allow_wrapped` admits layers
+    that already carry a sparse delta (composition onto a trained model)."""
+    found = []
+    for name, layer in adapter.layers.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"adapter {adapter.path} has layer {name!r}, which this model does not have") from None
+        if isinstance(module, SparseDeltaLinear):
+            if not allow_wrapped:
+                raise ValueError(f"layer {name!r} already carries an ftcore adapter; merge or unmerge it first")
+            shape = (module.out_features, module.in_features)
+        elif is_linear_like(module):
+            shape = tuple(logical_weight(module).shape)
+        else:
+            raise ValueError(f"adapter layer {name!r} is a {type(module).__name__} in this model, not a linear layer")
+        if shape != layer.shape:
+            raise ValueError(f"adapter layer {name!r} is {layer.shape[0]}x{layer.shape[1]}, the model's is {shape[0]}x{shape[1]}")
+        found.append((name, module))
+    return found

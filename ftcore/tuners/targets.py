@@ -1,0 +1,94 @@
+"""Which modules of a model a method touches, with PEFT's conventions so users need not relearn them:
+
+* ``target_modules``: a list of names or name suffixes (``["q_proj", "v_proj"]`` matches
+  ``model.layers.0.self_attn.q_proj``), a regular expression string (full match on the module name), or
+  ``"all-linear"`` (every linear layer except the output head).
+* ``exclude_modules``: the same forms, removed from the match.
+* ``layers_to_transform``: layer numbers (an int or a list), read from names such as ``layers.3.`` or ``h.3.``.
+"""
+
+import re
+from typing import Iterable, List, Optional, Sequence, Union
+
+from torch import nn
+
+from ..nn.sparse_delta import SparseDeltaLinear, is_linear_like
+
+Targets = Union[str, Sequence[str], None]
+
+_LAYER_NUMBER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+
+
+def _matches(name: str, spec: Targets) -> bool:
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == s or name.endswith("." + s) for s in spec)
+
+
+def layer_number(name: str) -> Optional[int]:
+    """The transformer block a module belongs to, from its name (``model.layers.7.mlp`` -> 7)."""
+    found = _LAYER_NUMBER.search(name)
+    return int(found.group(1)) if found else None
+
+
+def _check_spec(spec: Targets, what: str) -> None:
+    if spec is None or isinstance(spec, str):
+        if isinstance(spec, str) and spec != "all-linear":
+            try:
+                re.compile(spec)
+            except re.error as exc:
+                raise ValueError(f"{what} {spec!r} is not a valid regular expression: {exc}") from exc
+        return
+    if not all(isinstance(s, str) for s in spec):
+        raise TypeError(f"{what} must be a string or a list of strings, got {spec!r}")
+
+
+def find_targets(
+    model: nn.Module,
+    target_modules: Targets = "all-linear",
+    exclude_modules: Targets = None,
+    layers_to_transform: Union[int, Iterable[int], None] = None,
+) -> List[str]:
+    """Names of the linear layers (nn.Linear, GPT-2 Conv1D) selected by the PEFT-style rules above.
+
+    Raises ValueError when nothing matches, listing some linear layers the model has.
+    """
+    _check_spec(target_modules, "target_modules")
+    _check_spec(exclude_modules, "exclude_modules")
+    if target_modules is None:
+        target_modules = "all-linear"
+    if isinstance(layers_to_transform, int):
+        layers_to_transform = [layers_to_transform]
+    layers = None if layers_to_transform is None else set(layers_to_transform)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+    candidates, chosen = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, SparseDeltaLinear) or ".base_layer" in f".{name}" or not is_linear_like(module):
+            continue
+        candidates.append(name)
+        if target_modules == "all-linear":
+            if module is head:
+                continue
+        elif not _matches(name, target_modules):
+            continue
+        if _matches(name, exclude_modules):
+            continue
+        if layers is not None and layer_number(name) not in layers:
+            continue
+        chosen.append(name)
+    if not chosen:
+        examples = ", ".join(candidates[:6]) or "none"
+        raise ValueError(
+            f"no linear layer matches target_modules={target_modules!r} (exclude_modules={exclude_modules!r}, "
+            f"layers_to_transform={layers_to_transform!r}); the model's linear layers include: {examples}"
+        )
+    return chosen
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

@@ -1,0 +1,52 @@
+import os
+
+import pytest
+import torch
+
+import ftcore
+
+# The tests build models from configs and never reach a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and ftcore.cuda_kernels_available() else [])
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture(params=ftcore._C.available_cpu_isas())
+def cpu_isa(request):
+    """Runs a test once per instruction-set build of the CPU kernels this machine supports."""
+    previous = ftcore._C.cpu_isa()
+    assert ftcore._C.set_cpu_isa(request.param)
+    yield request.param
+    ftcore._C.set_cpu_isa(previous)
+
+
+def tolerances(dtype: torch.dtype):
+    """(rtol, atol) for a result rounded to `dtype` against an fp32/fp64 oracle: about twice what plain
+    PyTorch makes at that precision."""
+    return {
+        torch.float64: (1e-10, 1e-10),
+        torch.float32: (2e-5, 2e-5),
+        torch.bfloat16: (1.6e-2, 2e-2),
+        torch.float16: (2e-3, 2e-3),
+    }[dtype]
+
+
+def assert_close(actual, expected, dtype, scale=1.0):
+    rtol, atol = tolerances(dtype)
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol * scale)
+
+
+def random_indices(numel, k, *, dtype=torch.int64, device="cpu", duplicates=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if duplicates:
+        idx = torch.randint(0, numel, (k,), generator=g)
+    else:
+        idx = torch.randperm(numel, generator=g)[:k]
+    return torch.sort(idx).values.to(device=device, dtype=dtype)
