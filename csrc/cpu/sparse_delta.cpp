@@ -105,15 +105,74 @@ cpu::StridedMatrix matrix_of(const at::Tensor& rows) {
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// Tokens per chunk: the panels of all `features` should fit in about 2 MB (this core's L2 and a share of L3),
-// padded to whole lane groups, and no wider than the tokens there are.
-int64_t panel_width(int64_t tokens, int64_t features, int64_t acc_bytes) {
-  constexpr int64_t kBudget = 2 << 20, kMax = 256;
-  const int64_t a = cpu::kPanelAlign;
-  int64_t w = kBudget / std::max<int64_t>(features * acc_bytes, 1);
-  w = std::clamp<int64_t>(w / a * a, a, kMax);
-  const int64_t needed = (tokens + a - 1) / a * a;
-  return std::min(w, std::max(needed, a));
+// Tokens per chunk, one of the compiled widths: the randomly read operand panel should stay within about
+// 1 MB (an L2's worth), and the chunk no wider than the tokens there are.
+int64_t panel_width(int64_t tokens, int64_t operand_features, int64_t acc_bytes) {
+  constexpr int64_t kOperandBudget = 1 << 20;
+  int64_t width = cpu::kPanelWidths[0];
+  for (const int64_t w : cpu::kPanelWidths) {
+    if (w * operand_features * acc_bytes > kOperandBudget) break;
+    width = w;
+    if (w >= tokens) break;
+  }
+  return width;
+}
+
+// A delta's entries arranged for the inner loops (cpu/isa/kernels.h, EntryGroups); built once per call in
+// O(k + groups), so the loops over chunks never divide.
+struct GroupedEntries {
+  std::vector<int64_t> ptr;
+  std::vector<int32_t> operand;
+  at::Tensor values;  // per position, accumulation dtype; undefined for sparse_delta_grad
+  cpu::EntryGroups view() const { return {ptr.data(), operand.data(), values.defined() ? values.data_ptr() : nullptr}; }
+};
+
+void check_int32_features(int64_t out, int64_t in, const char* op) {
+  TORCH_CHECK_VALUE(out < (int64_t(1) << 31) && in < (int64_t(1) << 31), op,
+                    ": weights with 2^31 or more rows or columns are not supported, got ", out, "x", in);
+}
+
+// Groups are rows of Δ: the sorted entries in their own order, each paired with its column.
+GroupedEntries group_by_rows(const at::Tensor& indices, int64_t out, int64_t in, const at::Tensor& values) {
+  const int64_t k = indices.numel();
+  GroupedEntries g{std::vector<int64_t>(out + 1), std::vector<int32_t>(k), values};
+  FTCORE_DISPATCH_INDEX(indices.scalar_type(), "group_by_rows", [&] {
+    const index_t* idx = indices.data_ptr<index_t>();
+    int64_t t = 0;
+    for (int64_t r = 0; r < out; ++r) {
+      g.ptr[r] = t;
+      for (; t < k && static_cast<int64_t>(idx[t]) < (r + 1) * in; ++t)
+        g.operand[t] = static_cast<int32_t>(idx[t] - r * in);
+    }
+    g.ptr[out] = t;
+  });
+  return g;
+}
+
+// Groups are columns of Δ: a stable counting sort by column, each entry paired with its row.
+GroupedEntries group_by_columns(const at::Tensor& indices, int64_t in, const at::Tensor& values) {
+  const int64_t k = indices.numel();
+  GroupedEntries g{std::vector<int64_t>(in + 1, 0), std::vector<int32_t>(k), at::Tensor()};
+  std::vector<int64_t> order(k);
+  FTCORE_DISPATCH_INDEX(indices.scalar_type(), "group_by_columns", [&] {
+    const index_t* idx = indices.data_ptr<index_t>();
+    std::vector<int64_t> rows(k);
+    int64_t row = 0;
+    for (int64_t t = 0; t < k; ++t) {  // sorted: the row only grows
+      while (static_cast<int64_t>(idx[t]) >= (row + 1) * in) ++row;
+      rows[t] = row;
+      ++g.ptr[idx[t] - row * in + 1];
+    }
+    for (int64_t c = 0; c < in; ++c) g.ptr[c + 1] += g.ptr[c];
+    std::vector<int64_t> next(g.ptr.begin(), g.ptr.end() - 1);
+    for (int64_t t = 0; t < k; ++t) {
+      const int64_t p = next[idx[t] - rows[t] * in]++;
+      order[p] = t;
+      g.operand[p] = static_cast<int32_t>(rows[t]);
+    }
+  });
+  g.values = values.index_select(0, at::from_blob(order.data(), {k}, at::kLong));
+  return g;
 }
 
 // Loads chunk [n0, n0 + count) of two matrices into their panels in one parallel pass over both feature ranges.
@@ -139,19 +198,20 @@ at::Tensor sparse_delta_grad_cpu(const at::Tensor& grad_output, const at::Tensor
   const auto acc = acc_type(input.scalar_type());
   auto result = at::zeros({k}, input.options().dtype(acc));
   if (k == 0 || tokens == 0) return result;
+  check_int32_features(out, in, "sparse_delta_grad");
 
   const Kernels& K = kernels();
-  const int64_t width = panel_width(tokens, in + out, at::elementSize(acc));
+  const auto entries = group_by_rows(a.indices, out, in, at::Tensor());
+  const int64_t width = panel_width(tokens, in, at::elementSize(acc));
   auto x_panel = at::empty({in * width}, result.options());
   auto g_panel = at::empty({out * width}, result.options());
   const auto X = matrix_of(a.input), G = matrix_of(a.grad_output);
-  const bool i64 = a.indices.scalar_type() == at::kLong;
   for (int64_t n0 = 0; n0 < tokens; n0 += width) {
     const int64_t count = std::min(width, tokens - n0);
     load_panels(K, X, in, x_panel.data_ptr(), G, out, g_panel.data_ptr(), n0, count, width);
-    at::parallel_for(0, k, 256, [&](int64_t t0, int64_t t1) {
-      K.dot_entries(elem_of(acc), g_panel.data_ptr(), x_panel.data_ptr(), width, a.indices.data_ptr(), i64, in, t0,
-                    t1, result.data_ptr());
+    at::parallel_for(0, out, 8, [&](int64_t r0, int64_t r1) {
+      K.dot_groups(elem_of(acc), g_panel.data_ptr(), x_panel.data_ptr(), width, entries.view(), r0, r1,
+                   result.data_ptr());
     });
   }
   return result;
@@ -162,35 +222,6 @@ at::Tensor sparse_delta_grad_cpu(const at::Tensor& grad_output, const at::Tensor
 
 namespace {
 
-// Start of each row's entries in the sorted indices: one merge pass, O(k + out).
-std::vector<int64_t> row_pointers(const at::Tensor& indices, int64_t out, int64_t in) {
-  std::vector<int64_t> ptr(out + 1, 0);
-  FTCORE_DISPATCH_INDEX(indices.scalar_type(), "row_pointers", [&] {
-    const index_t* idx = indices.data_ptr<index_t>();
-    const int64_t k = indices.numel();
-    int64_t t = 0;
-    for (int64_t r = 0; r <= out; ++r) {
-      while (t < k && static_cast<int64_t>(idx[t]) < r * in) ++t;
-      ptr[r] = t;
-    }
-  });
-  return ptr;
-}
-
-// Entries grouped by column with a stable counting sort: ptr (in + 1) and the entry order. O(k + in).
-std::pair<std::vector<int64_t>, std::vector<int64_t>> column_groups(const at::Tensor& indices, int64_t in) {
-  const int64_t k = indices.numel();
-  std::vector<int64_t> ptr(in + 1, 0), order(k);
-  FTCORE_DISPATCH_INDEX(indices.scalar_type(), "column_groups", [&] {
-    const index_t* idx = indices.data_ptr<index_t>();
-    for (int64_t t = 0; t < k; ++t) ++ptr[static_cast<int64_t>(idx[t]) % in + 1];
-    for (int64_t c = 0; c < in; ++c) ptr[c + 1] += ptr[c];
-    std::vector<int64_t> next(ptr.begin(), ptr.end() - 1);
-    for (int64_t t = 0; t < k; ++t) order[next[static_cast<int64_t>(idx[t]) % in]++] = t;
-  });
-  return {std::move(ptr), std::move(order)};
-}
-
 at::Tensor product_cpu(const ProductArgs& a, const at::Tensor& original_input, bool transpose) {
   const int64_t tokens = a.input.size(0);
   const int64_t operand_features = a.input.size(1);
@@ -199,30 +230,21 @@ at::Tensor product_cpu(const ProductArgs& a, const at::Tensor& original_input, b
   if (result.numel() == 0) return result;
   auto result_rows = as_rows(result);
   if (a.indices.numel() == 0) return result.zero_();
+  check_int32_features(a.out_features, a.in_features, transpose ? "sparse_delta_linear_transpose" : "sparse_delta_linear");
 
-  std::vector<int64_t> ptr, order;
-  if (transpose) {
-    std::tie(ptr, order) = column_groups(a.indices, a.in_features);
-  } else {
-    ptr = row_pointers(a.indices, a.out_features, a.in_features);
-  }
-  const cpu::EntryGroups entry_groups{ptr.data(), transpose ? order.data() : nullptr, a.indices.data_ptr(),
-                                      a.indices.scalar_type() == at::kLong, a.in_features, !transpose};
-
+  const auto entries = transpose ? group_by_columns(a.indices, a.in_features, a.values)
+                                 : group_by_rows(a.indices, a.out_features, a.in_features, a.values);
   const Kernels& K = kernels();
   const auto acc = a.values.scalar_type();
-  const int64_t width = panel_width(tokens, operand_features + groups, at::elementSize(acc));
+  const int64_t width = panel_width(tokens, operand_features, at::elementSize(acc));
   auto src_panel = at::empty({operand_features * width}, a.values.options());
   auto dst_panel = at::empty({groups * width}, a.values.options());
   const auto src = matrix_of(a.input), dst = matrix_of(result_rows);
   for (int64_t n0 = 0; n0 < tokens; n0 += width) {
     const int64_t count = std::min(width, tokens - n0);
     load_panels(K, src, operand_features, src_panel.data_ptr(), src, 0, nullptr, n0, count, width);
-    at::parallel_for(0, groups, 16, [&](int64_t g0, int64_t g1) {
-      K.group_sums(elem_of(acc), src_panel.data_ptr(), width, entry_groups, a.values.data_ptr(), g0, g1,
-                   dst_panel.data_ptr());
-    });
-    at::parallel_for(0, groups, 16, [&](int64_t g0, int64_t g1) {
+    at::parallel_for(0, groups, 8, [&](int64_t g0, int64_t g1) {
+      K.group_sums(elem_of(acc), src_panel.data_ptr(), width, entries.view(), g0, g1, dst_panel.data_ptr());
       K.store_panel(dst_panel.data_ptr(), width, count, g0, g1, dst, n0);
     });
   }

@@ -22,14 +22,14 @@ struct StridedMatrix {
   int64_t col_stride;
 };
 
-// Which entries a group_sums call adds, and where each entry's operand row sits.
+// The k entries of a delta arranged by group: group g (a row of Δ, or a column) owns positions
+// [group_ptr[g], group_ptr[g+1]); position p pairs with panel row operand[p] (the entry's column for row
+// groups, its row for column groups) and, for products, has value values[p] (accumulation dtype).
+// Prepared once per op call, so the inner loops never divide and can prefetch operand rows ahead.
 struct EntryGroups {
-  const int64_t* group_ptr;  // entries of group g are positions [group_ptr[g], group_ptr[g+1])
-  const int64_t* order;      // position p holds entry order[p]; nullptr means entry p
-  const void* indices;       // flat positions, int32 or int64
-  bool indices_are_int64;
-  int64_t in_features;       // row = index / in_features, col = index % in_features
-  bool by_row;               // groups are rows (operand = col) or columns (operand = row)
+  const int64_t* group_ptr;
+  const int32_t* operand;
+  const void* values;
 };
 
 struct Kernels {
@@ -40,16 +40,17 @@ struct Kernels {
   // m[n0 + n, f] = panel[f * width + n] (rounded to m's dtype) for f in [f0, f1), n < count.
   void (*store_panel)(const void* panel, int64_t width, int64_t count, int64_t f0, int64_t f1,
                       const StridedMatrix& m, int64_t n0);
-  // out[t] += <g_panel[row(t)], x_panel[col(t)]> for t in [t0, t1); acc is Float or Double.
-  void (*dot_entries)(Elem acc, const void* g_panel, const void* x_panel, int64_t width, const void* indices,
-                      bool indices_are_int64, int64_t in_features, int64_t t0, int64_t t1, void* out);
-  // dst_panel[g] = sum over the entries t of group g of values[t] * src_panel[operand(t)], for g in [g0, g1).
-  void (*group_sums)(Elem acc, const void* src_panel, int64_t width, const EntryGroups& groups, const void* values,
-                     int64_t g0, int64_t g1, void* dst_panel);
+  // out[p] += <group_panel[g], operand_panel[operand[p]]> for the positions p of groups [g0, g1).
+  void (*dot_groups)(Elem acc, const void* group_panel, const void* operand_panel, int64_t width,
+                     const EntryGroups& entries, int64_t g0, int64_t g1, void* out);
+  // dst_panel[g] = sum over positions p of group g of values[p] * operand_panel[operand[p]], g in [g0, g1).
+  void (*group_sums)(Elem acc, const void* operand_panel, int64_t width, const EntryGroups& entries, int64_t g0,
+                     int64_t g1, void* dst_panel);
 };
 
-// Panels are padded to a multiple of this many tokens so the inner loops never need a scalar tail.
-constexpr int64_t kPanelAlign = 32;
+// Panel widths (tokens per chunk) the inner loops are compiled for: compile-time widths let the compiler keep
+// a whole panel row in registers.
+constexpr int64_t kPanelWidths[] = {32, 64, 128, 256};
 
 // AVX2 and AVX-512 builds need GCC's per-file target pragma; other compilers get the generic build only.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)

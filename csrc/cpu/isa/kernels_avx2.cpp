@@ -3,6 +3,7 @@
 // once the CPU is known to support avx2 (cpu/sparse_delta.cpp checks).
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "kernels.h"
 

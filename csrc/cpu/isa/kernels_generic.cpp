@@ -1,6 +1,7 @@
 // The CPU inner loops built for the baseline instruction set of the target (see kernels.h, kernels_impl.inc).
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "kernels.h"
 
