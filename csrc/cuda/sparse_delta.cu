@@ -2,7 +2,7 @@
 //
 // As on the CPU, grad and the products run over the tokens in chunks: a chunk of each activation is
 // transposed through shared memory into a panel (features × width, accumulation dtype), so that
-//   grad:      one thread per entry t reads two contiguous panel rows with 16-byte loads (a dot product);
+//   grad:      one warp per entry t reads two panel rows, coalesced, with 16-byte loads (a dot product);
 //   products:  one block per output group (row or column of Δ), threads over tokens, reading panel rows
 //              coalesced and each entry's index/value as a warp-wide broadcast.
 // Panels are the only workspace ((in + out) · width elements, never out × in). Every launch goes to the current
@@ -25,6 +25,7 @@ namespace {
 constexpr int kTile = 32;       // transpose tile edge
 constexpr int kTileRows = 8;    // threads per tile column
 constexpr int kThreads = 256;   // 1-D kernels
+constexpr int kWarp = 32;
 constexpr int64_t kAlign = 32;  // panel width granularity (keeps rows 16-byte aligned for every acc type)
 
 inline int64_t blocks_for(int64_t n, int64_t per_block) { return (n + per_block - 1) / per_block; }
@@ -113,25 +114,24 @@ __device__ __forceinline__ bool split_index(index_t flat, int64_t in, int64_t nu
   return true;
 }
 
-// out[t] += <g_panel[row t], x_panel[col t]>
+// out[t] += <g_panel[row t], x_panel[col t]>: one warp per entry, lanes striding over the tokens with 16-byte
+// loads (a warp reads 512 contiguous bytes of each panel row per step), then a shuffle reduction.
 template <typename acc_t, typename index_t>
 __global__ void dot_entries_kernel(const acc_t* __restrict__ g_panel, const acc_t* __restrict__ x_panel,
                                    int64_t width, const index_t* __restrict__ indices, int64_t k, int64_t in,
                                    int64_t numel, acc_t* __restrict__ out) {
   using V = Vec16<acc_t>;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= k) return;
+  const int64_t t = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (t >= k) return;  // warp-uniform: every lane of a warp has the same t
   int64_t row, col;
   if (!split_index(indices[t], in, numel, row, col)) return;
   const auto* g = reinterpret_cast<const typename V::type*>(g_panel + row * width);
   const auto* x = reinterpret_cast<const typename V::type*>(x_panel + col * width);
-  acc_t s0 = 0, s1 = 0;
-  const int64_t vecs = width / V::n;  // width is a multiple of kAlign, so of 2 vectors
-  for (int64_t i = 0; i < vecs; i += 2) {
-    s0 += V::dot(g[i], x[i]);
-    s1 += V::dot(g[i + 1], x[i + 1]);
-  }
-  out[t] += s0 + s1;
+  acc_t s = 0;
+  for (int64_t i = lane; i < width / V::n; i += kWarp) s += V::dot(g[i], x[i]);
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) s += __shfl_down_sync(0xffffffffu, s, offset);
+  if (lane == 0) out[t] += s;
 }
 
 // dst[g * width + n] = Σ over the entries t of group g of values[t] · src[operand(t) * width + n].
@@ -200,7 +200,7 @@ at::Tensor sparse_delta_grad_cuda(const at::Tensor& grad_output, const at::Tenso
         const int64_t count = std::min(width, tokens - n0);
         load_panel<scalar_t, acc_t>(a.input, n0, count, x_panel.data_ptr<acc_t>(), width, stream);
         load_panel<scalar_t, acc_t>(a.grad_output, n0, count, g_panel.data_ptr<acc_t>(), width, stream);
-        dot_entries_kernel<acc_t, index_t><<<blocks_for(k, kThreads), kThreads, 0, stream>>>(
+        dot_entries_kernel<acc_t, index_t><<<blocks_for(k, kThreads / kWarp), kThreads, 0, stream>>>(
             g_panel.data_ptr<acc_t>(), x_panel.data_ptr<acc_t>(), width, a.indices.data_ptr<index_t>(), k, in,
             out * in, result.data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
