@@ -2,6 +2,7 @@
 #   make test        CPU torch 2.13.0 + dependencies, build ftcore, run the test suite
 #   make demo        fine-tune a small Llama with sparse deltas and with full fine-tuning (built-in default)
 #   make bench       the microbenchmarks; prints ratios and writes bench/results/
+#   make bench-micro per-op timings with pytest-benchmark (for comparing commits)
 #   make cuda-check  CUDA build of torch in a separate env, compile every .cu into the extension
 #   make wheel-check build a wheel and install it into a fresh env with the same torch
 
@@ -15,7 +16,7 @@ TORCH_CUDA := torch==2.14.1
 BUILD_DEPS := "setuptools>=69" wheel ninja pybind11 numpy build
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.inc' -o -name '*.cu' -o -name '*.cuh') setup.py
 
-.PHONY: test demo bench cuda-check wheel-check build clean
+.PHONY: test demo bench bench-micro cuda-check wheel-check build clean
 
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +41,9 @@ demo: build
 bench: build
 	$(PY) bench/bench_sparse_delta.py
 
+bench-micro: build
+	$(PY) -m pytest -q bench/test_ops_micro.py --benchmark-only
+
 # The CUDA build of torch lets nvcc compile the kernels here without a GPU; the result is imported to check
 # that the CUDA kernels registered.
 $(CUDA_VENV)/.deps: pyproject.toml
@@ -59,7 +63,7 @@ wheel-check: $(VENV)/.deps
 	FTCORE_CUDA=0 $(PY) -m build --wheel --no-isolation --outdir dist .
 	$(PYTHON) -m venv /tmp/ftcore-wheel-env
 	/tmp/ftcore-wheel-env/bin/python -m pip install -q $(TORCH_CPU) dist/*.whl
-	cd /tmp && /tmp/ftcore-wheel-env/bin/python -c "import torch, ftcore; ftcore.check_registrations('CPU'); w = torch.randn(8, 4); i = torch.tensor([1, 5, 30]); print('wheel-check:', ftcore.ops.sparse_delta_gather(w, i).tolist() == w.view(-1)[i].tolist())"
+	cd /tmp && /tmp/ftcore-wheel-env/bin/python -c "import torch, ftcore; ftcore.check_registrations('CPU'); w = torch.randn(8, 4); i = torch.tensor([1, 5, 30]); assert torch.equal(ftcore.ops.sparse_delta_gather(w, i), w.view(-1)[i]); print('wheel-check: the wheel installs and runs in a fresh env')"
 
 clean:
 	rm -rf build dist dist-cuda *.egg-info ftcore/_C*.so

@@ -36,18 +36,22 @@ void check_index_values(const at::Tensor& indices, int64_t numel, const char* op
   });
 }
 
-GradArgs check_grad_args(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& indices) {
-  constexpr const char* op = "sparse_delta_grad";
+void check_activation_pair(const at::Tensor& grad_output, const at::Tensor& input, const char* op) {
   check_floating(grad_output, op, "grad_output");
   check_floating(input, op, "input");
   check_same_dtype(grad_output, input, op, "grad_output", "input");
   check_same_device(grad_output, input, op, "grad_output", "input");
   check_min_dim(grad_output, 1, op, "grad_output");
   check_min_dim(input, 1, op, "input");
-  check_indices(indices, input, op);
   TORCH_CHECK_VALUE(grad_output.sizes().slice(0, grad_output.dim() - 1) == input.sizes().slice(0, input.dim() - 1),
                     op, ": grad_output ", grad_output.sizes(), " and input ", input.sizes(),
                     " must share their leading (token) dims");
+}
+
+GradArgs check_grad_args(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& indices) {
+  constexpr const char* op = "sparse_delta_grad";
+  check_activation_pair(grad_output, input, op);
+  check_indices(indices, input, op);
   const int64_t out = grad_output.size(-1), in = input.size(-1);
   check_index_values(indices, out * in, op);
   return {as_rows(grad_output), as_rows(input), indices.contiguous()};

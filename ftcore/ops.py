@@ -14,15 +14,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = [
-    "sparse_delta_grad",
-    "sparse_delta_linear",
-    "sparse_delta_linear_transpose",
-    "sparse_delta_scatter_",
-    "sparse_delta_gather",
-    "sparse_delta_topk",
-    "check_delta_indices",
-]
+from ._loader import OPS
+
+__all__ = [*OPS, "check_delta_indices"]
 
 
 def check_delta_indices(indices: Tensor, numel: int, *, name: str = "indices", strict: bool = False) -> None:
@@ -118,7 +112,7 @@ def sparse_delta_topk(
     """The k weight positions with the largest dense-gradient magnitude ``|grad_outputᵀ · input|``.
 
     Over the whole out × in matrix (minus `exclude`), rows of the gradient are formed `chunk_rows` at a time
-    (0 picks about 2^20 entries a chunk), so memory stays O(chunk_rows · in + k). Over a `candidates` set, the
+    (0 picks about 2^22 entries a chunk), so memory stays O(chunk_rows · in + k). Over a `candidates` set, the
     exact gradient is taken there with :func:`sparse_delta_grad`. Returns (indices int64 sorted, magnitudes fp32).
     """
     if candidates is not None:

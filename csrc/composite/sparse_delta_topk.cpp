@@ -17,15 +17,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_topk(const at::Tensor& grad_outp
                                                      int64_t k, const std::optional<at::Tensor>& exclude,
                                                      int64_t chunk_rows) {
   constexpr const char* op = "sparse_delta_topk";
-  check_floating(grad_output, op, "grad_output");
-  check_floating(input, op, "input");
-  check_same_dtype(grad_output, input, op, "grad_output", "input");
-  check_same_device(grad_output, input, op, "grad_output", "input");
-  check_min_dim(grad_output, 1, op, "grad_output");
-  check_min_dim(input, 1, op, "input");
-  TORCH_CHECK_VALUE(grad_output.sizes().slice(0, grad_output.dim() - 1) == input.sizes().slice(0, input.dim() - 1),
-                    op, ": grad_output ", grad_output.sizes(), " and input ", input.sizes(),
-                    " must share their leading (token) dims");
+  check_activation_pair(grad_output, input, op);
   const auto G = as_rows(grad_output), X = as_rows(input);
   const int64_t out = G.size(1), in = X.size(1), numel = out * in;
   TORCH_CHECK_VALUE(chunk_rows >= 0, op, ": chunk_rows must be >= 0 (0 picks a size), got ", chunk_rows);
@@ -42,8 +34,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_topk(const at::Tensor& grad_outp
   const auto opts_long = input.options().dtype(at::kLong);
   if (k == 0) return {at::empty({0}, opts_long), at::empty({0}, input.options().dtype(at::kFloat))};
 
-  // About 2^20 gradient entries a chunk: big enough for an efficient GEMM, small beside any weight.
-  const int64_t rows = chunk_rows > 0 ? std::min(chunk_rows, out) : std::clamp<int64_t>((1 << 20) / in, 1, out);
+  // About 2^22 gradient entries (16 MB of scores) a chunk: enough rows for the GEMM to run at full speed
+  // (narrower chunks measured up to 2x slower), small beside the weights this is used on.
+  const int64_t rows = chunk_rows > 0 ? std::min(chunk_rows, out) : std::clamp<int64_t>((1 << 22) / in, 1, out);
   at::Tensor best_scores = at::empty({0}, input.options().dtype(at::kFloat));
   at::Tensor best_index = at::empty({0}, opts_long);
   for (int64_t r0 = 0; r0 < out; r0 += rows) {

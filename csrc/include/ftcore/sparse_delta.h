@@ -24,6 +24,9 @@ void check_indices(const at::Tensor& indices, const at::Tensor& like, const char
 // On the CPU: every index in [0, numel) and non-decreasing. A no-op for tensors on other devices.
 void check_index_values(const at::Tensor& indices, int64_t numel, const char* op, const char* name = "indices");
 
+// grad_output (..., out) and input (..., in): floating, one dtype and device, the same leading (token) dims.
+void check_activation_pair(const at::Tensor& grad_output, const at::Tensor& input, const char* op);
+
 // The pieces of sparse_delta_grad, checked and viewed as 2-D / contiguous 1-D.
 struct GradArgs {
   at::Tensor grad_output;  // N × out
