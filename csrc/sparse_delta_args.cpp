@@ -101,7 +101,11 @@ void check_scatter_args(const at::Tensor& weight, const at::Tensor& indices, con
   const int64_t k = indices.numel();
   TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() == k, op,
                     ": values must be 1-D with one entry per index (", k, "), got shape ", values.sizes());
+  TORCH_CHECK_VALUE(at::get_overlap_status(weight, values) == at::MemOverlapStatus::No, op,
+                    ": values share memory with weight, which is written in place; pass a copy");
   if (base) {
+    TORCH_CHECK_VALUE(at::get_overlap_status(weight, *base) == at::MemOverlapStatus::No, op,
+                      ": base shares memory with weight, which is written in place; pass a copy");
     check_same_dtype(*base, weight, op, "base", "weight");
     check_same_device(*base, weight, op, "base", "weight");
     TORCH_CHECK_VALUE(base->dim() == 1 && base->numel() == k, op,

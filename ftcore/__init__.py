@@ -9,7 +9,7 @@ what they already know.
 """
 
 from ._version import __version__
-from ._loader import _C, check_registrations, cuda_kernels_available  # loads the kernels; fails loudly
+from ._loader import check_registrations, cuda_kernels_available  # loads ftcore._C; fails loudly
 
 from . import _autograd, _fake  # noqa: F401  (registrations)
 from . import ops, reference

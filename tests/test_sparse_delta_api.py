@@ -76,7 +76,7 @@ def test_apply_keeps_outputs_and_trains_only_the_deltas(make, merged):
     trainable = ftcore.trainable_parameters(model)
     layers = sparse_layers(model)
     assert {id(p) for p in trainable} == {id(m.values) for m in layers.values()}
-    for name, m in layers.items():
+    for m in layers.values():
         assert m.num_deltas == round(0.05 * m.out_features * m.in_features)
         assert isinstance(m.base_layer, Conv1D if make is tiny_gpt2 else nn.Linear)
     train_steps(model)

@@ -122,6 +122,16 @@ def test_scatter_alpha_zero_restores_base_exactly(device, dtype):
     assert torch.equal(bits(weight), bits(original))
 
 
+def test_scatter_tiny_alpha_is_not_zero(device):
+    # alpha is tested for zero in double: 1e-50 is an update (0 in fp32), not an exact restore.
+    weight = torch.full((1, 2), -0.0, device=device)
+    expected = weight.clone()
+    values = torch.tensor([1.0, 2.0], device=device)
+    reference.sparse_delta_scatter_(expected, torch.tensor([0, 1], device=device), values, 1e-50)
+    ops.sparse_delta_scatter_(weight, torch.tensor([0, 1], device=device), values, 1e-50)
+    assert torch.equal(torch.signbit(weight), torch.signbit(expected))  # -0.0 + 0.0 = +0.0, as in the reference
+
+
 def test_scatter_long_runs_of_duplicates(cpu_isa, device):
     # Runs that straddle the ranges the parallel loop hands to threads must still be summed once.
     weight = torch.zeros(4, 5, device=device)
@@ -154,6 +164,16 @@ def test_topk_matches_reference(device, chunk_rows, with_exclude):
     torch.testing.assert_close(scores, ref_scores)
     if exclude is not None:
         assert not torch.isin(idx, exclude).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_topk_scores_16_bit_inputs_in_fp32(device, dtype):
+    big = torch.full((1, 2), 256.0, device=device, dtype=dtype)  # |GᵀX| = 65536: past float16's range
+    idx, scores = ops.sparse_delta_topk(big, big, 1)
+    assert torch.isfinite(scores).all() and scores.item() == 65536.0
+    g = torch.tensor([[1.0], [1.0]], device=device, dtype=dtype)
+    x = torch.tensor([[1.0, 1.0], [0.0, 0.001]], device=device, dtype=dtype)  # 1.0 vs 1.001: equal in bf16
+    assert ops.sparse_delta_topk(g, x, 1)[0].tolist() == reference.sparse_delta_topk(g, x, 1)[0].tolist() == [1]
 
 
 def test_topk_over_candidates(device):
@@ -252,6 +272,14 @@ def test_errors_name_the_argument():
         ops.sparse_delta_scatter_(weight, idx, torch.randn(3), 1.0, torch.randn(2))
     with pytest.raises(ValueError, match="share memory"):
         ops.sparse_delta_scatter_(torch.randn(6).expand(3, 6), idx, torch.randn(3))
+    with pytest.raises(ValueError, match="values share memory with weight"):
+        ops.sparse_delta_scatter_(weight, torch.tensor([0, 1, 2]), weight[0, :3])
+    with pytest.raises(ValueError, match="base shares memory with weight"):
+        ops.sparse_delta_scatter_(weight, torch.tensor([0, 1, 2]), torch.randn(3), 1.0, weight[1, :3])
+    with pytest.raises(ValueError, match="exclude must be sorted"):
+        ops.sparse_delta_topk(grad, x, 2, exclude=torch.tensor([5, 1]))
+    with pytest.raises(IndexError, match="exclude holds 18, out of range"):
+        ops.sparse_delta_topk(grad, x, 2, exclude=torch.tensor([1, 18]))
     with pytest.raises(ValueError, match=r"k must be in \[0, 18\]"):
         ops.sparse_delta_topk(grad, x, 19)
     with pytest.raises(ValueError, match=r"k must be in \[0, 15\]"):

@@ -23,11 +23,17 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_topk(const at::Tensor& grad_outp
   TORCH_CHECK_VALUE(chunk_rows >= 0, op, ": chunk_rows must be >= 0 (0 picks a size), got ", chunk_rows);
   at::Tensor excl;
   int64_t excluded = 0;
-  if (exclude) {
+  if (exclude) {  // checked on any device: this op synchronises anyway, once per call
     check_indices(*exclude, input, op, "exclude");
-    check_index_values(*exclude, numel, op, "exclude");
     excl = exclude->to(at::kLong).contiguous();
-    excluded = excl.numel() == 0 ? 0 : std::get<0>(at::unique_consecutive(excl)).numel();
+    if (excl.numel() > 0) {
+      const int64_t lo = excl.min().item<int64_t>(), hi = excl.max().item<int64_t>();
+      TORCH_CHECK_INDEX(lo >= 0 && hi < numel, op, ": exclude holds ", lo < 0 ? lo : hi,
+                        ", out of range for a weight with ", numel, " entries");
+      TORCH_CHECK_VALUE(excl.numel() < 2 || (excl.slice(0, 1) >= excl.slice(0, 0, -1)).all().item<bool>(), op,
+                        ": exclude must be sorted (non-decreasing)");
+      excluded = std::get<0>(at::unique_consecutive(excl)).numel();
+    }
   }
   TORCH_CHECK_VALUE(k >= 0 && k <= numel - excluded, op, ": k must be in [0, ", numel - excluded,
                     "] (the positions of a ", out, "x", in, " weight not excluded), got ", k);
@@ -37,18 +43,23 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_topk(const at::Tensor& grad_outp
   // About 2^22 gradient entries (16 MB of scores) a chunk: enough rows for the GEMM to run at full speed
   // (narrower chunks measured up to 2x slower), small beside the weights this is used on.
   const int64_t rows = chunk_rows > 0 ? std::min(chunk_rows, out) : std::clamp<int64_t>((1 << 22) / in, 1, out);
+  // Scores are formed in fp32 like the reference (half overflows at 65504, bf16 ties far too often), so
+  // 16-bit inputs are widened once: an activation-sized copy, still nothing of weight size.
+  const auto G32 = G.to(at::kFloat), X32 = X.to(at::kFloat);
+  // Where each chunk's excluded positions start and end, for all chunks at once (one copy to the host).
+  std::vector<int64_t> excl_bounds;
+  if (excl.defined() && excl.numel() > 0) {
+    auto starts = at::arange(0, out + rows, rows, opts_long).clamp_max_(out).mul_(in);
+    auto bounds = at::searchsorted(excl, starts).cpu();
+    excl_bounds.assign(bounds.data_ptr<int64_t>(), bounds.data_ptr<int64_t>() + bounds.numel());
+  }
   at::Tensor best_scores = at::empty({0}, input.options().dtype(at::kFloat));
   at::Tensor best_index = at::empty({0}, opts_long);
-  for (int64_t r0 = 0; r0 < out; r0 += rows) {
+  for (int64_t r0 = 0, chunk = 0; r0 < out; r0 += rows, ++chunk) {
     const int64_t r1 = std::min(out, r0 + rows);
-    // rows × in block of the dense gradient, in fp32 (computed in the inputs' dtype with fp32 accumulation).
-    auto scores = at::mm(G.narrow(1, r0, r1 - r0).t(), X).abs_().to(at::kFloat).view(-1);
-    if (excl.defined() && excl.numel() > 0) {
-      auto bounds = at::searchsorted(excl, at::tensor({r0 * in, r1 * in}, opts_long));
-      auto lo_hi = bounds.cpu();
-      const int64_t lo = lo_hi[0].item<int64_t>(), hi = lo_hi[1].item<int64_t>();
-      if (hi > lo) scores.index_fill_(0, excl.slice(0, lo, hi) - r0 * in, -1.0f);
-    }
+    auto scores = at::mm(G32.narrow(1, r0, r1 - r0).t(), X32).abs_().view(-1);  // rows × in of |GᵀX|
+    if (!excl_bounds.empty() && excl_bounds[chunk + 1] > excl_bounds[chunk])
+      scores.index_fill_(0, excl.slice(0, excl_bounds[chunk], excl_bounds[chunk + 1]) - r0 * in, -1.0f);
     const int64_t take = std::min<int64_t>(k, scores.numel());
     auto [chunk_scores, chunk_pos] = at::topk(scores, take, 0, /*largest=*/true, /*sorted=*/false);
     auto merged_scores = at::cat({best_scores, chunk_scores});

@@ -175,6 +175,13 @@ GroupedEntries group_by_columns(const at::Tensor& indices, int64_t in, const at:
   return g;
 }
 
+// Panels are read as 64-byte vectors (cpu/isa): c10's CPU allocator aligns to 64 bytes; check, never assume.
+at::Tensor new_panel(int64_t elements, const at::TensorOptions& options) {
+  auto panel = at::empty({elements}, options);
+  TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(panel.data_ptr()) % 64 == 0, "ftcore: panel not 64-byte aligned");
+  return panel;
+}
+
 // Loads chunk [n0, n0 + count) of two matrices into their panels in one parallel pass over both feature ranges.
 void load_panels(const Kernels& K, const cpu::StridedMatrix& a, int64_t a_features, void* a_panel,
                  const cpu::StridedMatrix& b, int64_t b_features, void* b_panel, int64_t n0, int64_t count,
@@ -203,8 +210,8 @@ at::Tensor sparse_delta_grad_cpu(const at::Tensor& grad_output, const at::Tensor
   const Kernels& K = kernels();
   const auto entries = group_by_rows(a.indices, out, in, at::Tensor());
   const int64_t width = panel_width(tokens, in, at::elementSize(acc));
-  auto x_panel = at::empty({in * width}, result.options());
-  auto g_panel = at::empty({out * width}, result.options());
+  auto x_panel = new_panel(in * width, result.options());
+  auto g_panel = new_panel(out * width, result.options());
   const auto X = matrix_of(a.input), G = matrix_of(a.grad_output);
   for (int64_t n0 = 0; n0 < tokens; n0 += width) {
     const int64_t count = std::min(width, tokens - n0);
@@ -237,8 +244,8 @@ at::Tensor product_cpu(const ProductArgs& a, const at::Tensor& original_input, b
   const Kernels& K = kernels();
   const auto acc = a.values.scalar_type();
   const int64_t width = panel_width(tokens, operand_features, at::elementSize(acc));
-  auto src_panel = at::empty({operand_features * width}, a.values.options());
-  auto dst_panel = at::empty({groups * width}, a.values.options());
+  auto src_panel = new_panel(operand_features * width, a.values.options());
+  auto dst_panel = new_panel(groups * width, a.values.options());
   const auto src = matrix_of(a.input), dst = matrix_of(result_rows);
   for (int64_t n0 = 0; n0 < tokens; n0 += width) {
     const int64_t count = std::min(width, tokens - n0);
@@ -292,13 +299,14 @@ void sparse_delta_scatter_cpu(at::Tensor& weight, const at::Tensor& indices, con
   const int64_t k = indices.numel();
   if (k == 0) return;
   const auto idx = indices.contiguous();
-  const auto vals = values.to(acc_type(weight.scalar_type())).contiguous();
+  const bool restore = alpha == 0.0;  // leave the start value exactly; values are not read
+  const auto vals = restore ? at::Tensor() : values.to(acc_type(weight.scalar_type())).contiguous();
   const auto base_c = base ? base->contiguous() : at::Tensor();
   const int64_t in = weight.size(1), s0 = weight.stride(0), s1 = weight.stride(1);
   FTCORE_DISPATCH_FLOATING(weight.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* w = weight.data_ptr<scalar_t>();
-    const acc_t* v = vals.data_ptr<acc_t>();
+    const acc_t* v = restore ? nullptr : vals.data_ptr<acc_t>();
     const scalar_t* b = base ? base_c.data_ptr<scalar_t>() : nullptr;
     const acc_t a = static_cast<acc_t>(alpha);
     FTCORE_DISPATCH_INDEX(idx.scalar_type(), op, [&] {
@@ -310,12 +318,17 @@ void sparse_delta_scatter_cpu(at::Tensor& weight, const at::Tensor& indices, con
         int64_t t = t0;
         while (t > 0 && t < t1 && ip[t] == ip[t - 1]) ++t;
         while (t < t1) {
-          acc_t sum = v[t];
           int64_t r = t + 1;
-          for (; r < k && ip[r] == ip[t]; ++r) sum += v[r];
+          while (r < k && ip[r] == ip[t]) ++r;
           const int64_t off = cursor.offset(ip[t]);
           const acc_t start = b ? static_cast<acc_t>(b[t]) : static_cast<acc_t>(w[off]);
-          w[off] = static_cast<scalar_t>(a == acc_t(0) ? start : start + a * sum);  // alpha 0: exact restore
+          if (restore) {
+            w[off] = static_cast<scalar_t>(start);
+          } else {
+            acc_t sum = 0;
+            for (int64_t e = t; e < r; ++e) sum += v[e];
+            w[off] = static_cast<scalar_t>(start + a * sum);
+          }
           t = r;
         }
       });

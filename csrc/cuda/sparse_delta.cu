@@ -7,7 +7,7 @@
 //              coalesced and each entry's index/value as a warp-wide broadcast.
 // Panels are the only workspace ((in + out) · width elements, never out × in). Every launch goes to the current
 // stream under a device guard and is checked; nothing synchronises with the host. Indices out of range trip a
-// device-side assert and are never dereferenced.
+// device-side assert and are never dereferenced; so do unsorted indices where order matters (products, scatter).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -148,6 +148,7 @@ __global__ void group_sums_kernel(const acc_t* __restrict__ src, int64_t width, 
     const int64_t t = order ? order[p] : p;
     int64_t row, col;
     if (!split_index(indices[t], in, numel, row, col)) continue;
+    CUDA_KERNEL_ASSERT((by_row ? row : col) == g && "ftcore: sparse-delta indices must be sorted");
     s += values[t] * src[(by_row ? col : row) * width + n];
   }
   dst[g * width + n] = s;
@@ -165,6 +166,9 @@ __global__ void lower_bounds_kernel(const key_t* __restrict__ keys, int64_t k, i
     const int64_t mid = (lo + hi) / 2;
     if (static_cast<int64_t>(keys[mid]) < target) lo = mid + 1; else hi = mid;
   }
+  // Every key must fall in some group: none below 0, none at or past groups * scale (else it is out of range).
+  CUDA_KERNEL_ASSERT((g != 0 || lo == 0) && "ftcore: sparse-delta index out of range");
+  CUDA_KERNEL_ASSERT((g != groups || lo == k) && "ftcore: sparse-delta index out of range");
   ptr[g] = lo;
 }
 
@@ -279,6 +283,7 @@ at::Tensor sparse_delta_linear_transpose_cuda(const at::Tensor& grad_output, con
 namespace {
 
 // The first entry of each run of equal indices sums the run and writes the position once.
+// `values` null: restore, i.e. write the start value exactly.
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void scatter_kernel(scalar_t* __restrict__ w, int64_t in, int64_t numel, int64_t s0, int64_t s1,
                                const index_t* __restrict__ indices, const acc_t* __restrict__ values,
@@ -286,14 +291,19 @@ __global__ void scatter_kernel(scalar_t* __restrict__ w, int64_t in, int64_t num
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= k) return;
   const index_t i = indices[t];
+  CUDA_KERNEL_ASSERT((t == 0 || indices[t - 1] <= i) && "ftcore: sparse-delta indices must be sorted");
   if (t > 0 && indices[t - 1] == i) return;
   int64_t row, col;
   if (!split_index(i, in, numel, row, col)) return;
-  acc_t sum = 0;
-  for (int64_t r = t; r < k && indices[r] == i; ++r) sum += values[r];
   const int64_t off = row * s0 + col * s1;
   const acc_t start = base ? static_cast<acc_t>(base[t]) : static_cast<acc_t>(w[off]);
-  w[off] = static_cast<scalar_t>(alpha == acc_t(0) ? start : start + alpha * sum);  // alpha 0: exact restore
+  if (values == nullptr) {
+    w[off] = static_cast<scalar_t>(start);
+    return;
+  }
+  acc_t sum = 0;
+  for (int64_t r = t; r < k && indices[r] == i; ++r) sum += values[r];
+  w[off] = static_cast<scalar_t>(start + alpha * sum);
 }
 
 template <typename scalar_t, typename index_t>
@@ -316,7 +326,8 @@ void sparse_delta_scatter_cuda(at::Tensor& weight, const at::Tensor& indices, co
   if (k == 0) return;
   const auto idx = indices.contiguous();
   const auto acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto vals = values.to(acc).contiguous();
+  const bool restore = alpha == 0.0;  // leave the start value exactly; values are not read
+  const auto vals = restore ? at::Tensor() : values.to(acc).contiguous();
   const auto base_c = base ? base->contiguous() : at::Tensor();
   const auto stream = at::cuda::getCurrentCUDAStream();
   FTCORE_DISPATCH_FLOATING(weight.scalar_type(), "sparse_delta_scatter_", [&] {
@@ -324,7 +335,8 @@ void sparse_delta_scatter_cuda(at::Tensor& weight, const at::Tensor& indices, co
     FTCORE_DISPATCH_INDEX(idx.scalar_type(), "sparse_delta_scatter_", [&] {
       scatter_kernel<scalar_t, acc_t, index_t><<<blocks_for(k, kThreads), kThreads, 0, stream>>>(
           weight.data_ptr<scalar_t>(), weight.size(1), weight.numel(), weight.stride(0), weight.stride(1),
-          idx.data_ptr<index_t>(), vals.data_ptr<acc_t>(), base ? base_c.data_ptr<scalar_t>() : nullptr,
+          idx.data_ptr<index_t>(), restore ? nullptr : vals.data_ptr<acc_t>(),
+          base ? base_c.data_ptr<scalar_t>() : nullptr,
           static_cast<acc_t>(alpha), k);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -132,7 +132,7 @@ class SparseDeltaScheduler:
 
         module.set_delta(new_indices, remap(values))
         state = self.optimizer.state.get(values, {})
-        for key, s in state.items():
+        for s in state.values():
             if torch.is_tensor(s) and s.shape == values.shape:
                 s.copy_(remap(s))
         if values.grad is not None:

@@ -9,7 +9,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..nn.sparse_delta import GradientProbe, SparseDeltaLinear, index_dtype_for, logical_weight
+from ..nn.sparse_delta import GradientProbe, SparseDeltaLinear, logical_weight
 from .targets import find_targets, set_submodule
 
 SELECTIONS = ("random", "magnitude", "gradient")
@@ -194,5 +194,4 @@ __all__ = [
     "random_positions",
     "magnitude_positions",
     "sparse_delta_layers",
-    "index_dtype_for",
 ]

@@ -9,7 +9,7 @@
 
 #if FTCORE_CPU_MULTI_ISA
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+#pragma GCC target("avx2,fma")
 
 namespace ftcore::cpu {
 namespace avx2 {
