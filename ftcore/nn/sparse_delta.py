@@ -229,14 +229,20 @@ class SparseDeltaLinear(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------------------
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.disabled:
-            self.restore_base()
-            return self.base_layer(x)
-        if self.merged:
+    # Runs eagerly even inside torch.compile: whether the weight must be refreshed depends on the optimizer
+    # steps taken since the last call, which a traced graph would freeze (and an in-place write to a weight
+    # inside a graph is copied back whole).
+    @torch.compiler.disable
+    def _prepare_weight(self) -> None:
+        if self.merged and not self.disabled:
             self.sync_merged()
         else:
             self.restore_base()
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._prepare_weight()
+        if self.disabled:
+            return self.base_layer(x)
         return _SparseDeltaLinearFunction.apply(
             x, self.values, self._weight(), self.base_layer.bias, self.indices, self.merged, self.probe
         )
