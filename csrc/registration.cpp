@@ -33,6 +33,28 @@ TORCH_LIBRARY(ftcore, m) {
   m.def(
       "sparse_delta_topk(Tensor grad_output, Tensor input, int k, Tensor? exclude=None, int chunk_rows=0) -> "
       "(Tensor, Tensor)");
+
+  // Structured blocks: a dense submatrix of a logical out×in weight addressed by a sorted, distinct index of
+  // columns (block out × k) or rows (block k × in).
+  // input[..., columns]: the compact slice a column block keeps for backward.
+  m.def("gather_columns(Tensor input, Tensor columns) -> Tensor");
+  // (..., features) zeros with values[..., j] at columns[j]: the adjoint of gather_columns.
+  m.def("scatter_columns(Tensor values, Tensor columns, SymInt features) -> Tensor");
+  // grad_output[..., rows]ᵀ · input[..., columns] over the tokens (either index optional), in fp32 (fp64 for
+  // float64): a block's weight gradient.
+  m.def("structured_block_grad(Tensor grad_output, Tensor input, Tensor? rows=None, Tensor? columns=None) -> Tensor");
+  // weight[block] = (base if given else weight[block]) + alpha · block, in fp32, rounded once; alpha = 0 leaves
+  // the start value exactly (block unread): merge, bit-exact unmerge, adapter switch.
+  m.def(
+      "structured_block_scatter_(Tensor(a!) weight, Tensor index, Tensor block, float alpha, Tensor? base, "
+      "bool rows) -> ()");
+  // weight[:, index] (columns) or weight[index, :] (rows), in weight's dtype.
+  m.def("structured_block_gather(Tensor weight, Tensor index, bool rows) -> Tensor");
+  // Serving without merging: input · weightᵀ + bias, plus for each batch row b with adapter_ids[b] = a >= 0 the
+  // block product of adapter a; adapters' indices and blocks are concatenated, split by offsets (A + 1).
+  m.def(
+      "multi_adapter_linear(Tensor input, Tensor weight, Tensor? bias, Tensor adapter_ids, Tensor index, "
+      "Tensor offsets, Tensor blocks, bool rows) -> Tensor");
 }
 
 namespace {

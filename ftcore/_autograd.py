@@ -1,6 +1,7 @@
 """Autograd formulas of the differentiable ops. The three sparse-delta products are closed under
-differentiation (each one's gradients are the other two), so double backward works too. Each setup_context
-saves only what the gradients that will be asked for need."""
+differentiation (each one's gradients are the other two), as are gather_columns / scatter_columns, so double
+backward works too. The sparse-delta setups save only what the gradients that will be asked for need.
+multi_adapter_linear (serving) and the in-place scatters have none."""
 
 import torch
 
@@ -79,9 +80,72 @@ def _gather_backward(ctx, dvalues):
     return flat.view(ctx.weight_shape), None
 
 
+# y = gather_columns(x, S):  dx = scatter_columns(dy, S, in)   (and the other way round)
+def _gather_columns_setup(ctx, inputs, output):
+    input, columns = inputs
+    ctx.save_for_backward(columns)
+    ctx.features = input.shape[-1]
+
+
+def _gather_columns_backward(ctx, dy):
+    (columns,) = ctx.saved_tensors
+    return ops.scatter_columns(dy, columns, ctx.features), None
+
+
+def _scatter_columns_setup(ctx, inputs, output):
+    _, columns, _ = inputs
+    ctx.save_for_backward(columns)
+
+
+def _scatter_columns_backward(ctx, dy):
+    (columns,) = ctx.saved_tensors
+    return ops.gather_columns(dy, columns), None, None
+
+
+# B = structured_block_grad(G, X, R, S) = G[:, R]ᵀ X[:, S]:  dG[:, R] = X[:, S] · dBᵀ,  dX[:, S] = G[:, R] · dB
+def _block_grad_setup(ctx, inputs, output):
+    grad_output, input, rows, columns = inputs
+    ctx.save_for_backward(grad_output, input, rows, columns)
+
+
+def _block_grad_backward(ctx, d_block):
+    grad_output, input, rows, columns = ctx.saved_tensors
+    g = grad_output if rows is None else ops.gather_columns(grad_output, rows)
+    x = input if columns is None else ops.gather_columns(input, columns)
+    d_grad_output = d_input = None
+    if ctx.needs_input_grad[0]:
+        d_grad_output = torch.matmul(x.to(d_block.dtype), d_block.t()).to(grad_output.dtype)
+        if rows is not None:
+            d_grad_output = ops.scatter_columns(d_grad_output, rows, grad_output.shape[-1])
+    if ctx.needs_input_grad[1]:
+        d_input = torch.matmul(g.to(d_block.dtype), d_block).to(input.dtype)
+        if columns is not None:
+            d_input = ops.scatter_columns(d_input, columns, input.shape[-1])
+    return d_grad_output, d_input, None, None
+
+
+# block = structured_block_gather(W, I):  dW = zeros with dblock copied in at the block
+def _block_gather_setup(ctx, inputs, output):
+    weight, index, rows = inputs
+    ctx.save_for_backward(index)
+    ctx.weight_shape, ctx.rows = weight.shape, rows
+
+
+def _block_gather_backward(ctx, d_block):
+    (index,) = ctx.saved_tensors
+    d_weight = d_block.new_zeros(ctx.weight_shape).index_copy(0 if ctx.rows else 1, index.long(), d_block)
+    return d_weight, None, None
+
+
 torch.library.register_autograd("ftcore::sparse_delta_grad", _grad_backward, setup_context=_grad_setup)
 torch.library.register_autograd("ftcore::sparse_delta_linear", _linear_backward, setup_context=_linear_setup)
 torch.library.register_autograd(
     "ftcore::sparse_delta_linear_transpose", _transpose_backward, setup_context=_transpose_setup
 )
 torch.library.register_autograd("ftcore::sparse_delta_gather", _gather_backward, setup_context=_gather_setup)
+torch.library.register_autograd("ftcore::gather_columns", _gather_columns_backward, setup_context=_gather_columns_setup)
+torch.library.register_autograd("ftcore::scatter_columns", _scatter_columns_backward, setup_context=_scatter_columns_setup)
+torch.library.register_autograd("ftcore::structured_block_grad", _block_grad_backward, setup_context=_block_grad_setup)
+torch.library.register_autograd(
+    "ftcore::structured_block_gather", _block_gather_backward, setup_context=_block_gather_setup
+)

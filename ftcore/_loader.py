@@ -23,6 +23,12 @@ OPS = (
     "sparse_delta_scatter_",
     "sparse_delta_gather",
     "sparse_delta_topk",
+    "gather_columns",
+    "scatter_columns",
+    "structured_block_grad",
+    "structured_block_scatter_",
+    "structured_block_gather",
+    "multi_adapter_linear",
 )
 
 

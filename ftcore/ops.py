@@ -128,3 +128,66 @@ def sparse_delta_topk(
     if exclude is not None:
         _check_cuda(exclude, grad_output.shape[-1] * input.shape[-1])
     return torch.ops.ftcore.sparse_delta_topk.default(grad_output, input, k, exclude, chunk_rows)
+
+
+# ---- structured blocks ---------------------------------------------------------------------------------------
+#
+# A block is a dense submatrix of a logical (out, in) weight addressed by a sorted, distinct index: columns
+# (block out × k, the S²FT default for o_proj / down_proj inputs) or rows (block k × in, for v_proj / up_proj
+# outputs). Blocks are gathered and scattered by index: the weight's layout never changes.
+
+
+def gather_columns(input: Tensor, columns: Tensor) -> Tensor:
+    """``input[..., columns]`` as a compact contiguous tensor: the only activation a column block keeps."""
+    return torch.ops.ftcore.gather_columns.default(input, columns)
+
+
+def scatter_columns(values: Tensor, columns: Tensor, features: int) -> Tensor:
+    """(..., features) zeros with ``values[..., j]`` at column ``columns[j]``: the adjoint of gather_columns."""
+    return torch.ops.ftcore.scatter_columns.default(values, columns, features)
+
+
+def structured_block_grad(
+    grad_output: Tensor, input: Tensor, rows: Optional[Tensor] = None, columns: Optional[Tensor] = None
+) -> Tensor:
+    """A block's weight gradient: ``grad_output[..., rows]ᵀ · input[..., columns]`` summed over the tokens, in
+    float32 (float64 for float64 inputs) whatever the activations' dtype. Either index may be omitted (all).
+
+    Column block: ``structured_block_grad(g, gather_columns(x, S))`` (out × k). Row block:
+    ``structured_block_grad(g, x, rows=R)`` (k × in). Same as ``F.linear``'s weight gradient restricted to the block.
+    """
+    return torch.ops.ftcore.structured_block_grad.default(grad_output, input, rows, columns)
+
+
+def structured_block_scatter_(
+    weight: Tensor, index: Tensor, block: Tensor, alpha: float = 1.0, base: Optional[Tensor] = None, *, rows: bool = False
+) -> None:
+    """In place on the 2-D logical (out, in) weight (any strides): ``weight[:, index]`` (or ``[index, :]`` with
+    rows=True) ``= start + alpha * block``, start = `base` if given else the current block, computed in fp32 and
+    rounded once. ``alpha == 0`` with `base` writes `base` exactly (bit-exact unmerge). Not differentiable."""
+    torch.ops.ftcore.structured_block_scatter_.default(weight, index, block, float(alpha), base, rows)
+
+
+def structured_block_gather(weight: Tensor, index: Tensor, *, rows: bool = False) -> Tensor:
+    """``weight[:, index]`` (or ``weight[index, :]``) of the 2-D logical weight, contiguous, in weight's dtype."""
+    return torch.ops.ftcore.structured_block_gather.default(weight, index, rows)
+
+
+def multi_adapter_linear(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    adapter_ids: Tensor,
+    index: Tensor,
+    offsets: Tensor,
+    blocks: Tensor,
+    *,
+    rows: bool = False,
+) -> Tensor:
+    """Serves many structured adapters in one batch without merging any (forward only).
+
+    input (B, ..., in) against the base weight (out, in); batch row b adds adapter ``adapter_ids[b]``'s block
+    product (-1: base model only). Adapter a's index is ``index[offsets[a]:offsets[a+1]]`` and its block the same
+    slice of `blocks`, stacked along dim 1 (columns: out × Σk) or dim 0 (rows: Σk × in).
+    """
+    return torch.ops.ftcore.multi_adapter_linear.default(input, weight, bias, adapter_ids, index, offsets, blocks, rows)

@@ -80,3 +80,57 @@ def sparse_delta_topk(
     top = torch.topk(scores, k)
     chosen, order = torch.sort(top.indices)
     return chosen, top.values[order]
+
+
+# ---- structured blocks ---------------------------------------------------------------------------------------
+
+
+def gather_columns(input: Tensor, columns: Tensor) -> Tensor:
+    return input[..., columns.long()].contiguous()
+
+
+def scatter_columns(values: Tensor, columns: Tensor, features: int) -> Tensor:
+    out = values.new_zeros((*values.shape[:-1], features))
+    out[..., columns.long()] = values
+    return out
+
+
+def structured_block_grad(grad_output: Tensor, input: Tensor, rows: Optional[Tensor] = None, columns: Optional[Tensor] = None) -> Tensor:
+    acc = _acc(input.dtype)
+    g = _rows(grad_output).to(acc)
+    x = _rows(input).to(acc)
+    if rows is not None:
+        g = g[:, rows.long()]
+    if columns is not None:
+        x = x[:, columns.long()]
+    return g.t() @ x
+
+
+def structured_block_gather(weight: Tensor, index: Tensor, rows: bool = False) -> Tensor:
+    return (weight[index.long()] if rows else weight[:, index.long()]).contiguous()
+
+
+def structured_block_scatter_(
+    weight: Tensor, index: Tensor, block: Tensor, alpha: float = 1.0, base: Optional[Tensor] = None, rows: bool = False
+) -> None:
+    acc = _acc(weight.dtype)
+    start = (base if base is not None else structured_block_gather(weight, index, rows)).to(acc)
+    new = start if alpha == 0 else start + alpha * block.to(acc)
+    if rows:
+        weight[index.long()] = new.to(weight.dtype)
+    else:
+        weight[:, index.long()] = new.to(weight.dtype)
+
+
+def multi_adapter_linear(input, weight, bias, adapter_ids, index, offsets, blocks, rows=False) -> Tensor:
+    """Each batch row computed on its own: the base weight with that row's adapter block added, densely."""
+    out = []
+    for b in range(input.shape[0]):
+        w = weight.clone()
+        a = int(adapter_ids[b])
+        if a >= 0:
+            lo, hi = int(offsets[a]), int(offsets[a + 1])
+            block = blocks[lo:hi] if rows else blocks[:, lo:hi]
+            structured_block_scatter_(w, index[lo:hi], block, 1.0, None, rows)
+        out.append(torch.nn.functional.linear(input[b : b + 1], w, bias))
+    return torch.cat(out)

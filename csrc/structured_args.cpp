@@ -1,0 +1,61 @@
+// Argument checking shared by the CPU and CUDA structured-block kernels.
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+
+#include "ftcore/checks.h"
+#include "ftcore/dispatch.h"
+#include "ftcore/structured.h"
+
+namespace ftcore {
+
+void check_block_index(const at::Tensor& index, const at::Tensor& like, int64_t limit, const char* op,
+                       const char* name) {
+  check_index_dtype(index, op, name);
+  check_same_device(index, like, op, name, "the data");
+  if (!index.is_cpu() || index.numel() == 0) return;
+  const auto idx = index.contiguous();
+  FTCORE_DISPATCH_INDEX(idx.scalar_type(), "check_block_index", [&] {
+    const index_t* p = idx.data_ptr<index_t>();
+    for (int64_t t = 0; t < idx.numel(); ++t) {
+      const int64_t v = p[t];
+      TORCH_CHECK_INDEX(v >= 0 && v < limit, op, ": ", name, "[", t, "] = ", v, " is out of range [0, ", limit, ")");
+      TORCH_CHECK_VALUE(t == 0 || p[t - 1] < v, op, ": ", name, " must be strictly increasing (sorted, no repeats), but ",
+                        name, "[", t - 1, "] = ", static_cast<int64_t>(p[t - 1]), " and ", name, "[", t, "] = ", v);
+    }
+  });
+}
+
+std::pair<int64_t, int64_t> block_shape(const at::Tensor& weight, const at::Tensor& index, bool rows) {
+  return rows ? std::make_pair(index.numel(), weight.size(1)) : std::make_pair(weight.size(0), index.numel());
+}
+
+void check_block_args(const at::Tensor& weight, const at::Tensor& index, bool rows, const char* op) {
+  check_floating(weight, op, "weight");
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be the 2-D (out × in) weight, got shape ", weight.sizes());
+  check_block_index(index, weight, weight.size(rows ? 0 : 1), op);
+}
+
+void check_block_scatter_args(const at::Tensor& weight, const at::Tensor& index, const at::Tensor& block,
+                              const std::optional<at::Tensor>& base, bool rows) {
+  constexpr const char* op = "structured_block_scatter_";
+  check_block_args(weight, index, rows, op);
+  TORCH_CHECK_VALUE(at::has_internal_overlap(weight) != at::MemOverlap::Yes, op,
+                    ": weight has elements that share memory (an expanded view); pass a real weight");
+  const auto [r, c] = block_shape(weight, index, rows);
+  check_floating(block, op, "block");
+  check_same_device(block, weight, op, "block", "weight");
+  TORCH_CHECK_VALUE(block.dim() == 2 && block.size(0) == r && block.size(1) == c, op, ": block must be ", r, "x", c,
+                    " for this weight and index (", rows ? "rows" : "columns", " mode), got shape ", block.sizes());
+  TORCH_CHECK_VALUE(at::get_overlap_status(weight, block) == at::MemOverlapStatus::No, op,
+                    ": block shares memory with weight, which is written in place; pass a copy");
+  if (base) {
+    check_same_dtype(*base, weight, op, "base", "weight");
+    check_same_device(*base, weight, op, "base", "weight");
+    TORCH_CHECK_VALUE(base->dim() == 2 && base->size(0) == r && base->size(1) == c, op, ": base must be ", r, "x", c,
+                      ", got shape ", base->sizes());
+    TORCH_CHECK_VALUE(at::get_overlap_status(weight, *base) == at::MemOverlapStatus::No, op,
+                      ": base shares memory with weight, which is written in place; pass a copy");
+  }
+}
+
+}  // namespace ftcore
