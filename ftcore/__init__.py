@@ -2,7 +2,8 @@
 what they already know.
 
     import ftcore
-    ftcore.apply(model, ftcore.SparseDeltaConfig(density=0.01))
+    ftcore.apply(model, ftcore.SparseDeltaConfig(density=0.01))            # sparse deltas (SpIEL, LT-SFT)
+    # or ftcore.apply(model, ftcore.StructuredSparseConfig(head_ratio=0.05, channel_ratio=0.02))   # S²FT
     optimizer = torch.optim.AdamW(ftcore.trainable_parameters(model), lr=1e-4)
     ...
     ftcore.save_adapter(model, "out/")
@@ -13,9 +14,26 @@ from ._loader import check_registrations, cuda_kernels_available  # loads ftcore
 
 from . import _autograd, _fake  # noqa: F401  (registrations)
 from . import ops, reference
-from .api import apply, compose, disable, load_adapter, merge, save_adapter, trainable_parameters, unmerge
-from .nn import SparseDeltaLinear
-from .tuners import SparseDeltaCallback, SparseDeltaConfig, SparseDeltaScheduler
+from .api import (
+    apply,
+    compose,
+    disable,
+    load_adapter,
+    merge,
+    save_adapter,
+    switch_adapter,
+    trainable_parameters,
+    unmerge,
+)
+from .nn import SparseDeltaLinear, StructuredSparseLinear
+from .tuners import (
+    BackpropPlan,
+    SparseDeltaCallback,
+    SparseDeltaConfig,
+    SparseDeltaScheduler,
+    StructuredSparseConfig,
+    plan_backprop,
+)
 
 __all__ = [
     "__version__",
@@ -23,12 +41,17 @@ __all__ = [
     "trainable_parameters",
     "save_adapter",
     "load_adapter",
+    "switch_adapter",
     "merge",
     "unmerge",
     "compose",
     "disable",
     "SparseDeltaConfig",
     "SparseDeltaLinear",
+    "StructuredSparseConfig",
+    "StructuredSparseLinear",
+    "plan_backprop",
+    "BackpropPlan",
     "SparseDeltaScheduler",
     "SparseDeltaCallback",
     "cuda_kernels_available",

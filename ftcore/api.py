@@ -1,35 +1,56 @@
-"""The public, model-level API: apply / trainable_parameters / save_adapter / load_adapter / merge / unmerge /
-compose / disable. Each call works on any model that ``ftcore.apply`` changed, whatever the method."""
+"""The public, model-level API: apply / trainable_parameters / save_adapter / load_adapter / switch_adapter /
+merge / unmerge / compose / disable. Each call works on any model that ``ftcore.apply`` changed, whatever the
+method (sparse deltas or structured blocks)."""
 
 import contextlib
-from typing import Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .nn.sparse_delta import SparseDeltaLinear, logical_weight
+from .nn.base import DeltaLinear, logical_weight
+from .nn.sparse_delta import SparseDeltaLinear
 from .tuners import adapter as adapter_files
-from .tuners.sparse_delta import SparseDeltaConfig, apply_sparse_delta, sparse_delta_layers
+from .tuners.planner import BackpropPlan
+from .tuners.sparse_delta import SparseDeltaConfig, apply_sparse_delta
+from .tuners.structured import StructuredSparseConfig, apply_structured
 from .tuners.targets import set_submodule
 
+CONFIGS = {cls.method: cls for cls in (SparseDeltaConfig, StructuredSparseConfig)}
 
-def apply(model: nn.Module, config: SparseDeltaConfig, *, calibration: Optional[Sequence] = None) -> nn.Module:
+
+def adapter_layers(model: nn.Module) -> Dict[str, DeltaLinear]:
+    """The model's ftcore layers by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, DeltaLinear)}
+
+
+def apply(
+    model: nn.Module,
+    config: Union[SparseDeltaConfig, StructuredSparseConfig, BackpropPlan],
+    *,
+    calibration: Optional[Sequence] = None,
+) -> nn.Module:
     """Swaps the layers `config` targets for ftcore modules, in place, freezing everything else; returns the
-    model. `calibration` (batches with labels) is for gradient-based selection."""
-    if sparse_delta_layers(model):
+    model. `calibration` (batches of model inputs, with labels where gradients are needed) serves the
+    data-driven selections. A BackpropPlan from ``ftcore.plan_backprop`` is applied as its config."""
+    if adapter_layers(model):
         raise ValueError("the model already carries an ftcore adapter; merge, unmerge or save it first")
+    if isinstance(config, BackpropPlan):
+        return apply_structured(model, config.config, layers=config.layers)
     if isinstance(config, SparseDeltaConfig):
         return apply_sparse_delta(model, config, calibration)
-    raise TypeError(f"ftcore.apply takes a SparseDeltaConfig, got {type(config).__name__}")
+    if isinstance(config, StructuredSparseConfig):
+        return apply_structured(model, config, calibration)
+    raise TypeError(f"ftcore.apply takes a SparseDeltaConfig, StructuredSparseConfig or BackpropPlan, got {type(config).__name__}")
 
 
 def trainable_parameters(model: nn.Module) -> List[nn.Parameter]:
-    """The parameters to hand the optimizer: after ``apply``, the delta values (plus anything you unfroze)."""
+    """The parameters to hand the optimizer: after ``apply``, the deltas (plus anything you unfroze)."""
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _layers_or_raise(model: nn.Module):
-    layers = sparse_delta_layers(model)
+def _layers_or_raise(model: nn.Module) -> Dict[str, DeltaLinear]:
+    layers = adapter_layers(model)
     if not layers:
         raise ValueError("the model carries no ftcore adapter: call ftcore.apply or ftcore.load_adapter first")
     return layers
@@ -45,44 +66,74 @@ def _base_model_info(model: nn.Module) -> dict:
 
 
 def save_adapter(model: nn.Module, path: str, *, overwrite: bool = False) -> None:
-    """Writes ``adapter_config.json`` + ``adapter_model.safetensors`` (8 bytes a delta) to directory `path`.
-    Refuses to replace an adapter already there unless ``overwrite=True``."""
+    """Writes ``adapter_config.json`` + ``adapter_model.safetensors`` to directory `path`. Refuses to replace
+    an adapter already there unless ``overwrite=True``."""
     layers = _layers_or_raise(model)
+    methods = {m.method for m in layers.values()}
+    if len(methods) != 1:
+        raise ValueError(f"the model mixes adapter methods {sorted(methods)}; an adapter file holds one")
     state = getattr(model, "_ftcore_state", None) or {}
     config = state.get("config")
-    deltas = {
-        name: adapter_files.LayerDelta((m.out_features, m.in_features), m.indices, m.values) for name, m in layers.items()
-    }
-    adapter_files.save(
-        path, "sparse_delta", config.to_dict() if config is not None else {}, deltas, _base_model_info(model), overwrite
-    )
+    records = {name: adapter_files.record_of(m) for name, m in layers.items()}
+    adapter_files.save(path, methods.pop(), config.to_dict() if config is not None else {}, records, _base_model_info(model), overwrite)
+
+
+def _read_config(saved: adapter_files.Adapter):
+    if not saved.config:
+        return None
+    try:
+        return CONFIGS[saved.method].from_dict(saved.config)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{saved.path}: the recorded config is invalid: {exc}") from exc
 
 
 def load_adapter(model: nn.Module, path: str, *, merged: Optional[bool] = None, trainable: bool = True) -> nn.Module:
     """Validates the adapter at `path` against `model` (names, shapes, dtypes, index ranges, checksum), then
-    applies it: the layers become SparseDeltaLinear holding the saved deltas. Returns the model. On any
-    error the model is left untouched. `trainable=False` freezes the delta values too."""
+    applies it. Returns the model. On any error the model is left untouched. `trainable=False` freezes the
+    adapter too (serving)."""
     saved = adapter_files.read(path)
-    if saved.method != "sparse_delta":
-        raise ValueError(f"{path} holds a {saved.method!r} adapter; this ftcore loads 'sparse_delta' adapters")
-    if sparse_delta_layers(model):
-        raise ValueError("the model already carries an ftcore adapter; merge or unmerge it before loading another")
+    if adapter_layers(model):
+        raise ValueError("the model already carries an ftcore adapter; use ftcore.switch_adapter, or merge/unmerge it first")
     targets = adapter_files.match_model(model, saved, allow_wrapped=False)
-    try:
-        config = SparseDeltaConfig.from_dict(saved.config) if saved.config else None
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: the recorded config is invalid: {exc}") from exc
+    config = _read_config(saved)
     if merged is None:
         merged = config.merged if config is not None else True
+    layer_class = adapter_files.LAYER_CLASSES[saved.method]
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     for name, layer in targets:
-        delta = saved.layers[name]
-        module = SparseDeltaLinear(layer, delta.indices, delta.values, merged=merged)
-        module.values.requires_grad_(trainable)
+        record = saved.layers[name]
+        module = layer_class.from_adapter_record(layer, record.meta, record.tensors, merged=merged)
+        module.delta.requires_grad_(trainable)
         set_submodule(model, name, module)
     model._ftcore_state = {"config": config, "requires_grad": requires_grad}
+    return model
+
+
+def switch_adapter(model: nn.Module, path: str) -> nn.Module:
+    """Replaces the model's adapter with the one at `path` (same method), moving only the adapters' bytes: each
+    layer writes back W0 under the old delta and writes the new one; nothing else of the weights is touched.
+    The new adapter is checked in full first; on any error the model keeps its current adapter."""
+    layers = _layers_or_raise(model)
+    saved = adapter_files.read(path)
+    current = {m.method for m in layers.values()}
+    if current != {saved.method}:
+        raise ValueError(f"{path} holds a {saved.method!r} adapter; the model carries {sorted(current)}")
+    targets = dict(adapter_files.match_model(model, saved, allow_wrapped=True))
+    config = _read_config(saved)
+    layer_class = adapter_files.LAYER_CLASSES[saved.method]
+    merged = next(iter(layers.values())).merged
+    trainable = next(iter(layers.values())).delta.requires_grad
+    for name in set(layers) - set(targets):  # layers the new adapter leaves alone go back to W0
+        set_submodule(model, name, layers[name].unwrap(with_delta=False))
+    for name, module in targets.items():
+        base = module.unwrap(with_delta=False) if isinstance(module, DeltaLinear) else module
+        record = saved.layers[name]
+        fresh = layer_class.from_adapter_record(base, record.meta, record.tensors, merged=merged)
+        fresh.delta.requires_grad_(trainable)
+        set_submodule(model, name, fresh)
+    model._ftcore_state["config"] = config
     return model
 
 
@@ -105,8 +156,8 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Restores every base weight to W0 bit for bit and keeps the deltas live on the exact unmerged path
-    (forward adds the sparse product). ``module.set_merged(True)`` goes back. Returns the model."""
+    """Restores every base weight to W0 bit for bit and keeps the deltas live on the exact unmerged path.
+    ``module.set_merged(True)`` goes back. Returns the model."""
     for module in _layers_or_raise(model).values():
         module.set_merged(False)
     return model
@@ -114,8 +165,8 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def compose(model: nn.Module, *adapters: str, scale: float = 1.0) -> nn.Module:
     """Adds saved sparse-delta adapters into the base weights (LT-SFT's composition: e.g. a language adapter
-    plus a task adapter). Works on a plain model and under a live adapter, whose trainable deltas then sit on
-    the composed base. ``scale=-1`` subtracts. All adapters are checked before any weight changes."""
+    plus a task adapter). Works on a plain model and under a live sparse-delta adapter, whose trainable deltas
+    then sit on the composed base. ``scale=-1`` subtracts. All adapters are checked before any weight changes."""
     if not adapters:
         raise ValueError("compose needs at least one adapter path")
     plans = []
@@ -123,17 +174,21 @@ def compose(model: nn.Module, *adapters: str, scale: float = 1.0) -> nn.Module:
         saved = adapter_files.read(path)
         if saved.method != "sparse_delta":
             raise ValueError(f"{path} holds a {saved.method!r} adapter; only sparse-delta adapters compose")
-        plans.append((saved, adapter_files.match_model(model, saved, allow_wrapped=True)))
+        targets = adapter_files.match_model(model, saved, allow_wrapped=True)
+        for name, module in targets:
+            if isinstance(module, DeltaLinear) and not isinstance(module, SparseDeltaLinear):
+                raise ValueError(f"layer {name!r} carries a {module.method!r} adapter; compose adds into plain or sparse-delta layers")
+        plans.append((saved, targets))
     with torch.no_grad():
         for saved, targets in plans:
             for name, module in targets:
-                delta = saved.layers[name]
+                tensors = saved.layers[name].tensors
                 if isinstance(module, SparseDeltaLinear):
-                    module.add_to_base(delta.indices, delta.values, scale)
+                    module.add_to_base(tensors["indices"], tensors["values"], scale)
                 else:
                     weight = logical_weight(module)
                     torch.ops.ftcore.sparse_delta_scatter_(
-                        weight, delta.indices.to(weight.device), delta.values.to(weight.device), float(scale), None
+                        weight, tensors["indices"].to(weight.device), tensors["values"].to(weight.device), float(scale), None
                     )
     return model
 

@@ -13,34 +13,16 @@ Two ways to run it, the same function either way:
 W0's own values at the k positions are kept (``base_values``), so unmerging restores W0 bit for bit.
 """
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import check_delta_indices
-
-try:  # GPT-2 style layers keep their weight as (in, out)
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency, but the module works without it
-    Conv1D = None
+from .base import DeltaLinear, delta_dtype_for, grad_matmul, index_dtype_for
 
 ops = torch.ops.ftcore
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """nn.Linear or transformers' Conv1D: the layers a sparse delta can wrap."""
-    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
-
-
-def logical_weight(layer: nn.Module) -> Tensor:
-    """The (out, in) view of a linear-like layer's weight (a transposed view for Conv1D, no copy)."""
-    return layer.weight.t() if Conv1D is not None and isinstance(layer, Conv1D) else layer.weight
-
-
-def index_dtype_for(numel: int) -> torch.dtype:
-    return torch.int32 if numel < 2**31 else torch.int64
 
 
 class GradientProbe:
@@ -104,8 +86,7 @@ class _SparseDeltaLinearFunction(torch.autograd.Function):
         g = grad_output
         dx = dvalues = None
         if ctx.needs_input_grad[0]:
-            w = weight if weight.dtype == g.dtype else weight.to(g.dtype)  # autocast ran the forward GEMM in g's dtype
-            dx = g.matmul(w)
+            dx = grad_matmul(g, weight)
             if not ctx.merged:
                 dx = dx + ops.sparse_delta_linear_transpose(g, indices, values, weight.shape[1]).to(dx.dtype)
             dx = dx.to(ctx.x_dtype)
@@ -118,7 +99,7 @@ class _SparseDeltaLinearFunction(torch.autograd.Function):
         return dx, dvalues, None, None, None, None, None
 
 
-class SparseDeltaLinear(nn.Module):
+class SparseDeltaLinear(DeltaLinear):
     """Drop-in for an ``nn.Linear`` or GPT-2 ``Conv1D`` with a trainable sparse delta (see the module docstring).
 
     Args:
@@ -128,43 +109,25 @@ class SparseDeltaLinear(nn.Module):
         merged: run merged (one GEMM a forward, the default) or unmerged (exact W0 + sparse product).
     """
 
+    method = "sparse_delta"
+    adapter_tensors = ("indices", "values")
+
     def __init__(self, base_layer: nn.Module, indices: Tensor, values: Optional[Tensor] = None, *, merged: bool = True):
-        super().__init__()
-        if not is_linear_like(base_layer):
-            raise TypeError(f"SparseDeltaLinear wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}")
-        self.base_layer = base_layer
-        for p in base_layer.parameters():
-            p.requires_grad_(False)
-        weight = logical_weight(base_layer)
-        self.out_features, self.in_features = weight.shape
-        value_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        self.values = nn.Parameter(torch.zeros(0, dtype=value_dtype, device=weight.device))
+        super().__init__(base_layer, merged=merged)
+        weight = self._weight()
+        self.values = nn.Parameter(torch.zeros(0, dtype=delta_dtype_for(weight), device=weight.device))
         self.register_buffer("indices", torch.zeros(0, dtype=index_dtype_for(weight.numel()), device=weight.device))
         self.register_buffer("base_values", torch.zeros(0, dtype=weight.dtype, device=weight.device))
-        self.merged = merged
-        self.disabled = False
         self.probe: Optional[GradientProbe] = None
-        # The version of `values` that the base weight currently holds; None: it holds W0 exactly.
-        self._merged_version: Optional[int] = None
         self.set_delta(indices, values)
 
-    # ---- the delta ----------------------------------------------------------------------------------------
-
     @property
-    def weight(self) -> Tensor:
-        """The base layer's weight (holding W0 + Δ while merged), for code that reads ``layer.weight``."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Optional[Tensor]:
-        return self.base_layer.bias
+    def delta(self) -> nn.Parameter:
+        return self.values
 
     @property
     def num_deltas(self) -> int:
         return self.indices.numel()
-
-    def _weight(self) -> Tensor:
-        return logical_weight(self.base_layer)
 
     @torch.no_grad()
     def set_delta(self, indices: Tensor, values: Optional[Tensor] = None) -> None:
@@ -189,20 +152,11 @@ class SparseDeltaLinear(nn.Module):
         else:
             self.values.data = values.clone()
 
-    @torch.no_grad()
-    def restore_base(self) -> None:
-        """Writes W0 back at the delta positions, bit for bit (the base weight then holds W0 exactly)."""
-        if self._merged_version is not None:
-            ops.sparse_delta_scatter_(self._weight(), self.indices, self.values, 0.0, self.base_values)
-            self._merged_version = None
+    def _write_merged(self) -> None:
+        ops.sparse_delta_scatter_(self._weight(), self.indices, self.values, 1.0, self.base_values)
 
-    @torch.no_grad()
-    def sync_merged(self) -> None:
-        """Makes the base weight hold W0 + Δ for the current values (no-op when it already does)."""
-        version = self.values._version
-        if self._merged_version != version:
-            ops.sparse_delta_scatter_(self._weight(), self.indices, self.values, 1.0, self.base_values)
-            self._merged_version = self.values._version
+    def _write_base(self) -> None:
+        ops.sparse_delta_scatter_(self._weight(), self.indices, self.values, 0.0, self.base_values)
 
     @torch.no_grad()
     def add_to_base(self, indices: Tensor, values: Tensor, alpha: float = 1.0) -> None:
@@ -213,39 +167,31 @@ class SparseDeltaLinear(nn.Module):
         ops.sparse_delta_scatter_(weight, indices.to(weight.device), values.to(weight.device), alpha, None)
         self.base_values = ops.sparse_delta_gather(weight, self.indices)
 
-    def set_merged(self, merged: bool) -> None:
-        """Switch between merged (W0 + Δ in the base weight) and unmerged (W0 exactly, sparse product added)."""
-        if not merged:
-            self.restore_base()
-        self.merged = merged
-
-    def unwrap(self, *, with_delta: bool) -> nn.Module:
-        """The base layer, holding W0 + Δ (with_delta) or W0 bit for bit; the delta is dropped."""
-        if with_delta:
-            self.sync_merged()
-        else:
-            self.restore_base()
-        return self.base_layer
-
-    # ---- forward ----------------------------------------------------------------------------------------
-
-    # Runs eagerly even inside torch.compile: whether the weight must be refreshed depends on the optimizer
-    # steps taken since the last call, which a traced graph would freeze (and an in-place write to a weight
-    # inside a graph is copied back whole).
-    @torch.compiler.disable
-    def _prepare_weight(self) -> None:
-        if self.merged and not self.disabled:
-            self.sync_merged()
-        else:
-            self.restore_base()
-
-    def forward(self, x: Tensor) -> Tensor:
-        self._prepare_weight()
-        if self.disabled:
-            return self.base_layer(x)
+    def _delta_forward(self, x: Tensor) -> Tensor:
         return _SparseDeltaLinearFunction.apply(
             x, self.values, self._weight(), self.base_layer.bias, self.indices, self.merged, self.probe
         )
+
+    # ---- adapter files ------------------------------------------------------------------------------------
+
+    def adapter_record(self) -> Tuple[dict, Dict[str, Tensor]]:
+        return {"num_deltas": self.num_deltas}, {"indices": self.indices, "values": self.values}
+
+    @classmethod
+    def check_adapter_record(cls, shape: Tuple[int, int], meta: dict, tensors: Dict[str, Tensor]) -> None:
+        indices, values = tensors["indices"], tensors["values"]
+        if values.dtype != torch.float32 or values.dim() != 1:
+            raise ValueError(f"values must be 1-D float32, got {values.dtype} of shape {tuple(values.shape)}")
+        try:
+            check_delta_indices(indices, shape[0] * shape[1], strict=True)
+        except (TypeError, IndexError) as exc:
+            raise ValueError(str(exc)) from exc
+        if not indices.numel() == values.numel() == meta.get("num_deltas"):
+            raise ValueError(f"{indices.numel()} indices and {values.numel()} values; the config says {meta.get('num_deltas')}")
+
+    @classmethod
+    def from_adapter_record(cls, base_layer: nn.Module, meta: dict, tensors: Dict[str, Tensor], *, merged: bool) -> "SparseDeltaLinear":
+        return cls(base_layer, tensors["indices"], tensors["values"], merged=merged)
 
     def extra_repr(self) -> str:
         density = self.num_deltas / max(self.out_features * self.in_features, 1)

@@ -1,9 +1,10 @@
 """Adapter files: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-For each adapted layer ``name`` the safetensors file holds ``name.indices`` (int32, or int64 for weights of
-2^31 entries or more) and ``name.values`` (float32): 8 bytes per delta entry. The JSON records the method, its
-config, each layer's logical (out, in) shape and delta count, and the SHA-256 of the safetensors file, so a
-truncated, corrupted or swapped file is refused rather than half-applied.
+For each adapted layer ``name`` the safetensors file holds the tensors its layer class names: a sparse delta
+``name.indices`` (int32, or int64 for weights of 2^31 entries or more) and ``name.values`` (float32), 8 bytes
+per delta entry; a structured block ``name.index`` (int32) and ``name.block`` (float32). The JSON records the
+method, its config, each layer's logical (out, in) shape with the class's metadata, and the SHA-256 of the
+safetensors file, so a truncated, corrupted or swapped file is refused rather than half-applied.
 
 Loading validates everything (names, shapes, dtypes, index ranges and order, checksum) before it touches the
 model, so a failed load leaves the model unchanged. Saving never overwrites an adapter unless asked, and writes
@@ -23,29 +24,46 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .._version import __version__
-from ..nn.sparse_delta import SparseDeltaLinear, index_dtype_for, is_linear_like, logical_weight
-from ..ops import check_delta_indices
+from ..nn.base import DeltaLinear, is_linear_like, logical_weight
+from ..nn.sparse_delta import SparseDeltaLinear
+from ..nn.structured import StructuredSparseLinear
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
+# The layer class of each method: it names, checks and builds its layers' records.
+LAYER_CLASSES = {cls.method: cls for cls in (SparseDeltaLinear, StructuredSparseLinear)}
 
 
 @dataclass
-class LayerDelta:
-    shape: Tuple[int, int]
-    indices: Tensor
-    values: Tensor
+class LayerRecord:
+    shape: Tuple[int, int]  # the logical (out, in) weight
+    meta: dict  # the layer class's metadata (counts, mode)
+    tensors: Dict[str, Tensor]  # named by the class's adapter_tensors
 
 
 @dataclass
 class Adapter:
-    """A sparse-delta adapter read from disk and checked on its own (not yet against a model)."""
+    """An adapter read from disk and checked on its own (not yet against a model)."""
 
     path: str
     method: str
     config: dict
-    layers: Dict[str, LayerDelta]
+    layers: Dict[str, LayerRecord]
+
+
+def record_of(layer: DeltaLinear) -> LayerRecord:
+    meta, tensors = layer.adapter_record()
+    return LayerRecord((layer.out_features, layer.in_features), meta, tensors)
+
+
+def _stored(t: Tensor) -> Tensor:
+    """Indices as int32 where they fit (int64 otherwise), trainable values as float32, on the CPU."""
+    t = t.detach().to("cpu")
+    if t.is_floating_point():
+        return t.float().contiguous()
+    fits = t.numel() == 0 or int(t.max()) < 2**31
+    return t.to(torch.int32 if fits else torch.int64).contiguous()
 
 
 def _sha256(path: str) -> str:
@@ -68,16 +86,13 @@ def _write_atomically(final_path: str, write) -> None:
             os.remove(tmp)
 
 
-def save(path: str, method: str, config: dict, layers: Dict[str, LayerDelta], base_model: dict, overwrite: bool) -> None:
+def save(path: str, method: str, config: dict, layers: Dict[str, LayerRecord], base_model: dict, overwrite: bool) -> None:
     os.makedirs(path, exist_ok=True)
     targets = [os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)]
     existing = [t for t in targets if os.path.exists(t)]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]} exists; pass overwrite=True to replace the adapter saved there")
-    tensors = {}
-    for name, layer in layers.items():
-        tensors[f"{name}.indices"] = layer.indices.detach().to("cpu", index_dtype_for(layer.shape[0] * layer.shape[1])).contiguous()
-        tensors[f"{name}.values"] = layer.values.detach().to("cpu", torch.float32).contiguous()
+    tensors = {f"{name}.{key}": _stored(t) for name, layer in layers.items() for key, t in layer.tensors.items()}
     weights_path = os.path.join(path, WEIGHTS_NAME)
     _write_atomically(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "method": method}))
     record = {
@@ -86,7 +101,7 @@ def save(path: str, method: str, config: dict, layers: Dict[str, LayerDelta], ba
         "method": method,
         "config": config,
         "base_model": base_model,
-        "layers": {name: {"shape": list(layer.shape), "num_deltas": layer.indices.numel()} for name, layer in layers.items()},
+        "layers": {name: {"shape": list(layer.shape), **layer.meta} for name, layer in layers.items()},
         "weights_sha256": _sha256(weights_path),
     }
 
@@ -123,30 +138,27 @@ def read(path: str) -> Adapter:
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"{weights_path} is not a readable safetensors file: {exc}") from exc
 
+    layer_class = LAYER_CLASSES.get(record["method"])
+    if layer_class is None:
+        raise ValueError(f"{config_path}: unknown method {record['method']!r} (this ftcore reads {sorted(LAYER_CLASSES)})")
     layers = {}
     expected = set()
     for name, meta in record["layers"].items():
-        shape = tuple(meta.get("shape", ()))
+        meta = dict(meta)
+        shape = tuple(meta.pop("shape", ()))
         if len(shape) != 2 or not all(isinstance(s, int) and s > 0 for s in shape):
-            raise ValueError(f"{config_path}: layer {name!r} has an invalid shape {meta.get('shape')!r}")
-        keys = (f"{name}.indices", f"{name}.values")
-        expected.update(keys)
-        missing = [k for k in keys if k not in tensors]
+            raise ValueError(f"{config_path}: layer {name!r} has an invalid shape {shape!r}")
+        keys = {key: f"{name}.{key}" for key in layer_class.adapter_tensors}
+        expected.update(keys.values())
+        missing = [k for k in keys.values() if k not in tensors]
         if missing:
             raise ValueError(f"{weights_path} lacks {missing[0]!r} listed in {CONFIG_NAME}")
-        indices, values = tensors[keys[0]], tensors[keys[1]]
-        if values.dtype != torch.float32 or values.dim() != 1:
-            raise ValueError(f"{keys[1]} must be 1-D float32, got {values.dtype} of shape {tuple(values.shape)}")
+        layer_tensors = {key: tensors[stored] for key, stored in keys.items()}
         try:
-            check_delta_indices(indices, shape[0] * shape[1], name=keys[0], strict=True)
-        except (TypeError, ValueError, IndexError) as exc:
-            raise ValueError(f"{weights_path}: {exc}") from exc
-        if indices.numel() != values.numel() or indices.numel() != meta.get("num_deltas"):
-            raise ValueError(
-                f"{weights_path}: layer {name!r} has {indices.numel()} indices and {values.numel()} values, "
-                f"{CONFIG_NAME} says {meta.get('num_deltas')}"
-            )
-        layers[name] = LayerDelta(shape, indices, values)
+            layer_class.check_adapter_record(shape, meta, layer_tensors)
+        except ValueError as exc:
+            raise ValueError(f"{weights_path}: layer {name!r}: {exc}") from exc
+        layers[name] = LayerRecord(shape, meta, layer_tensors)
     unknown = sorted(set(tensors) - expected)
     if unknown:
         raise ValueError(f"{weights_path} holds tensors not listed in {CONFIG_NAME}: {unknown[:3]}")
@@ -162,7 +174,7 @@ def match_model(model: nn.Module, adapter: Adapter, *, allow_wrapped: bool) -> L
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"adapter {adapter.path} has layer {name!r}, which this model does not have") from None
-        if isinstance(module, SparseDeltaLinear):
+        if isinstance(module, DeltaLinear):
             if not allow_wrapped:
                 raise ValueError(f"layer {name!r} already carries an ftcore adapter; merge or unmerge it first")
             shape = (module.out_features, module.in_features)

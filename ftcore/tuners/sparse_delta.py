@@ -9,7 +9,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..nn.sparse_delta import GradientProbe, SparseDeltaLinear, logical_weight
+from ..nn.base import logical_weight
+from ..nn.sparse_delta import GradientProbe, SparseDeltaLinear
 from .targets import find_targets, set_submodule
 
 SELECTIONS = ("random", "magnitude", "gradient")
@@ -183,15 +184,10 @@ def _place_by_gradient(model, wrapped, counts, candidate_factor, calibration) ->
             module.probe = None
 
 
-def sparse_delta_layers(model: nn.Module) -> Dict[str, SparseDeltaLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, SparseDeltaLinear)}
-
-
 __all__ = [
     "SparseDeltaConfig",
     "apply_sparse_delta",
     "allocate",
     "random_positions",
     "magnitude_positions",
-    "sparse_delta_layers",
 ]

@@ -12,7 +12,7 @@ from typing import Iterable, List, Optional, Sequence, Union
 
 from torch import nn
 
-from ..nn.sparse_delta import SparseDeltaLinear, is_linear_like
+from ..nn.base import DeltaLinear, is_linear_like
 
 Targets = Union[str, Sequence[str], None]
 
@@ -66,7 +66,7 @@ def find_targets(
 
     candidates, chosen = [], []
     for name, module in model.named_modules():
-        if isinstance(module, SparseDeltaLinear) or ".base_layer" in f".{name}" or not is_linear_like(module):
+        if isinstance(module, DeltaLinear) or ".base_layer" in f".{name}" or not is_linear_like(module):
             continue
         candidates.append(name)
         if target_modules == "all-linear":

@@ -1,0 +1,153 @@
+"""What every ftcore drop-in linear layer shares: a frozen base layer (nn.Linear or GPT-2 Conv1D) plus a
+trainable delta, an ordinary fp32 ``nn.Parameter``, that either lives merged in the base weight (W0 + Δ, one
+GEMM a forward, the default) or beside it (unmerged: W0 exactly, the delta's product added).
+
+The base weight's own values under the delta are kept, so unmerging restores W0 bit for bit. While merged,
+the weight is refreshed from the delta before a forward whenever the delta changed (an optimizer step bumps
+its version counter); the refresh writes only the delta's positions.
+"""
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+try:  # GPT-2 style layers keep their weight as (in, out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, but the modules work without it
+    Conv1D = None
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear or transformers' Conv1D: the layers ftcore's modules can wrap."""
+    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
+
+
+def logical_weight(layer: nn.Module) -> Tensor:
+    """The (out, in) view of a linear-like layer's weight (a transposed view for Conv1D, no copy)."""
+    return layer.weight.t() if Conv1D is not None and isinstance(layer, Conv1D) else layer.weight
+
+
+def index_dtype_for(numel: int) -> torch.dtype:
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def delta_dtype_for(weight: Tensor) -> torch.dtype:
+    """Trainable deltas are an fp32 master (fp64 for a float64 base, e.g. in gradcheck)."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+class DeltaLinear(nn.Module):
+    """Base of SparseDeltaLinear and StructuredSparseLinear. Subclasses set ``method`` (the adapter-file name),
+    ``adapter_tensors`` (the tensors they save), and implement the delta-specific hooks marked below."""
+
+    method: str = ""
+    adapter_tensors: Tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module, *, merged: bool = True):
+        super().__init__()
+        if not is_linear_like(base_layer):
+            raise TypeError(f"{type(self).__name__} wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.out_features, self.in_features = logical_weight(base_layer).shape
+        self.merged = merged
+        self.disabled = False
+        # The version of the delta that the base weight currently holds; None: it holds W0 exactly.
+        self._merged_version: Optional[int] = None
+
+    # ---- to implement -------------------------------------------------------------------------------------
+
+    @property
+    def delta(self) -> nn.Parameter:
+        """The trainable Parameter."""
+        raise NotImplementedError
+
+    def _write_merged(self) -> None:
+        """Writes W0 + Δ (rounded to the weight dtype) at the delta's positions of the base weight."""
+        raise NotImplementedError
+
+    def _write_base(self) -> None:
+        """Writes W0 back at the delta's positions, bit for bit."""
+        raise NotImplementedError
+
+    def _delta_forward(self, x: Tensor) -> Tensor:
+        """The layer's output (merged or not, per self.merged) with autograd reaching the delta."""
+        raise NotImplementedError
+
+    def adapter_record(self) -> Tuple[dict, Dict[str, Tensor]]:
+        """What the adapter file keeps of this layer: JSON metadata and tensors named by adapter_tensors."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_adapter_record(cls, shape: Tuple[int, int], meta: dict, tensors: Dict[str, Tensor]) -> None:
+        """Raises ValueError unless a saved record is well-formed for a weight of `shape`."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_adapter_record(cls, base_layer: nn.Module, meta: dict, tensors: Dict[str, Tensor], *, merged: bool) -> "DeltaLinear":
+        raise NotImplementedError
+
+    # ---- shared -------------------------------------------------------------------------------------------
+
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's weight (holding W0 + Δ while merged), for code that reads ``layer.weight``."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self.base_layer.bias
+
+    def _weight(self) -> Tensor:
+        return logical_weight(self.base_layer)
+
+    @torch.no_grad()
+    def restore_base(self) -> None:
+        """Makes the base weight hold W0 exactly (no-op when it already does)."""
+        if self._merged_version is not None:
+            self._write_base()
+            self._merged_version = None
+
+    @torch.no_grad()
+    def sync_merged(self) -> None:
+        """Makes the base weight hold W0 + Δ for the current delta (no-op when it already does)."""
+        if self._merged_version != self.delta._version:
+            self._write_merged()
+            self._merged_version = self.delta._version
+
+    def set_merged(self, merged: bool) -> None:
+        """Switch between merged (W0 + Δ in the base weight) and unmerged (W0 exactly, the delta added)."""
+        if not merged:
+            self.restore_base()
+        self.merged = merged
+
+    def unwrap(self, *, with_delta: bool) -> nn.Module:
+        """The base layer, holding W0 + Δ (with_delta) or W0 bit for bit; the delta is dropped."""
+        if with_delta:
+            self.sync_merged()
+        else:
+            self.restore_base()
+        return self.base_layer
+
+    # Runs eagerly even inside torch.compile: whether the weight must be refreshed depends on the optimizer
+    # steps taken since the last call, which a traced graph would freeze (and an in-place write to a weight
+    # inside a graph is copied back whole).
+    @torch.compiler.disable
+    def _prepare_weight(self) -> None:
+        if self.merged and not self.disabled:
+            self.sync_merged()
+        else:
+            self.restore_base()
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._prepare_weight()
+        if self.disabled:
+            return self.base_layer(x)
+        return self._delta_forward(x)
+
+
+def grad_matmul(grad_output: Tensor, weight: Tensor) -> Tensor:
+    """grad_output · weight, in grad_output's dtype: under autocast the forward GEMM ran in that dtype."""
+    return grad_output.matmul(weight if weight.dtype == grad_output.dtype else weight.to(grad_output.dtype))
