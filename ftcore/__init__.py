@@ -20,6 +20,7 @@ from .api import (
     disable,
     load_adapter,
     merge,
+    read_adapter,
     save_adapter,
     switch_adapter,
     trainable_parameters,
@@ -28,7 +29,6 @@ from .api import (
 from .nn import SparseDeltaLinear, StructuredSparseLinear
 from .tuners import (
     BackpropPlan,
-    SparseDeltaCallback,
     SparseDeltaConfig,
     SparseDeltaScheduler,
     StructuredSparseConfig,
@@ -42,6 +42,7 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "switch_adapter",
+    "read_adapter",
     "merge",
     "unmerge",
     "compose",
@@ -59,3 +60,11 @@ __all__ = [
     "ops",
     "reference",
 ]
+
+
+def __getattr__(name):
+    if name == "SparseDeltaCallback":  # imports transformers' Trainer machinery: only on first use
+        from .tuners.callback import SparseDeltaCallback
+
+        return SparseDeltaCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -111,12 +111,20 @@ def load_adapter(model: nn.Module, path: str, *, merged: Optional[bool] = None, 
     return model
 
 
-def switch_adapter(model: nn.Module, path: str) -> nn.Module:
-    """Replaces the model's adapter with the one at `path` (same method), moving only the adapters' bytes: each
-    layer writes back W0 under the old delta and writes the new one; nothing else of the weights is touched.
-    The new adapter is checked in full first; on any error the model keeps its current adapter."""
+def read_adapter(path: str) -> adapter_files.Adapter:
+    """Reads and checks an adapter directory (checksum, dtypes, shapes, index ranges) without applying it: keep
+    several in memory to switch between them with ``switch_adapter``."""
+    return adapter_files.read(path)
+
+
+def switch_adapter(model: nn.Module, adapter: Union[str, adapter_files.Adapter]) -> nn.Module:
+    """Replaces the model's adapter with another of the same method (a path, or one from ``read_adapter``),
+    moving only the adapters' bytes: each layer writes W0 back under the old delta and writes the new delta;
+    nothing else of the weights is touched. The new adapter is checked in full first; on any error the model
+    keeps its current adapter."""
     layers = _layers_or_raise(model)
-    saved = adapter_files.read(path)
+    saved = adapter if isinstance(adapter, adapter_files.Adapter) else adapter_files.read(adapter)
+    path = saved.path
     current = {m.method for m in layers.values()}
     if current != {saved.method}:
         raise ValueError(f"{path} holds a {saved.method!r} adapter; the model carries {sorted(current)}")
@@ -132,6 +140,8 @@ def switch_adapter(model: nn.Module, path: str) -> nn.Module:
         record = saved.layers[name]
         fresh = layer_class.from_adapter_record(base, record.meta, record.tensors, merged=merged)
         fresh.delta.requires_grad_(trainable)
+        if merged:
+            fresh.sync_merged()  # write the new delta now, not at the first forward
         set_submodule(model, name, fresh)
     model._ftcore_state["config"] = config
     return model

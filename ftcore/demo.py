@@ -1,5 +1,6 @@
 """`make demo`: fine-tune a small Llama (built from a config, fixed seed) on the text task shipped with ftcore
-(ftcore/data/demo_corpus.txt, byte-level tokens) with sparse deltas and with full fine-tuning, side by side.
+(ftcore/data/demo_corpus.txt, byte-level tokens) with sparse deltas, with structured sparse blocks (S²FT) and
+with full fine-tuning, side by side.
 
 For each method it prints the trainable parameters, the median step time, the peak memory (each method runs
 in a fresh process) and the loss before and after. Then it reloads the saved sparse adapter into a fresh base
@@ -17,6 +18,7 @@ import sys
 import time
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM  # imported here: never inside a memory window
 
 import ftcore
 from ftcore._measure import PeakMemory, prepare_cpu_memory_measurement
@@ -26,8 +28,6 @@ SEQ_LEN, BATCH = 96, 8
 
 
 def base_model(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
@@ -50,13 +50,21 @@ def eval_loss(model, batch) -> float:
     return model(input_ids=batch, labels=batch).loss.item()
 
 
+# S²FT: a quarter of the heads (o_proj columns) and a tenth of the FFN channels (down_proj columns), about as
+# many trainable parameters as the 5% sparse deltas.
+S2FT = dict(head_ratio=0.25, channel_ratio=0.1)
+# Sparse deltas take larger steps: each trains a few scattered entries of a weight, not whole blocks of it.
+LEARNING_RATES = {"sparse": 1e-2, "s2ft": 3e-3, "full": 1e-3}
+
+
 def setup(method: str, steps: int, density: float):
     model = base_model()
     if method == "sparse":
         ftcore.apply(model, ftcore.SparseDeltaConfig(density=density))
+    elif method == "s2ft":
+        ftcore.apply(model, ftcore.StructuredSparseConfig(**S2FT))
     params = ftcore.trainable_parameters(model)
-    # Sparse deltas take larger steps: each trains a few entries of a weight, not the whole of it.
-    optimizer = torch.optim.AdamW(params, lr=1e-2 if method == "sparse" else 1e-3, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATES[method], weight_decay=0.0)
     scheduler = ftcore.SparseDeltaScheduler(model, optimizer, regrow_every=20, total_steps=steps) if method == "sparse" else None
     return model.eval(), params, optimizer, scheduler  # eval: no dropout in Llama anyway; evaluation matches training
 
@@ -100,10 +108,11 @@ def train(method: str, steps: int, density: float, out: str) -> dict:
         "loss_before": before,
         "loss_after": eval_loss(model, eval_batch),
     }
-    if method == "sparse":
-        ftcore.save_adapter(model, os.path.join(out, "adapter"), overwrite=True)
+    if method != "full":
+        ftcore.save_adapter(model, os.path.join(out, f"{method}-adapter"), overwrite=True)
         with torch.no_grad():
-            torch.save(model(input_ids=eval_batch).logits, os.path.join(out, "sparse_logits.pt"))
+            torch.save(model(input_ids=eval_batch).logits, os.path.join(out, f"{method}-logits.pt"))
+    if scheduler is not None:
         result["regrowths"] = scheduler.regrowths
     return result
 
@@ -113,7 +122,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--density", type=float, default=0.05)
     parser.add_argument("--out", default="demo-output")
-    parser.add_argument("--child", choices=["sparse", "full"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["sparse", "s2ft", "full"], help=argparse.SUPPRESS)
     parser.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -125,7 +134,7 @@ def main() -> None:
     print(f"ftcore {ftcore.__version__} demo: Llama (4 layers, hidden 256, GQA 4/2 heads) built from a config, "
           f"{args.steps} steps of {BATCH}x{SEQ_LEN} byte tokens on {os.path.basename(CORPUS)}; CPU kernels: {ftcore._C.cpu_isa()}")
     results = []
-    for method in ("sparse", "full"):
+    for method in ("sparse", "s2ft", "full"):
         result = {}
         for extra in ([], ["--child-memory"]):
             cmd = [sys.executable, "-m", "ftcore.demo", "--child", method, "--steps", str(args.steps),
@@ -137,27 +146,28 @@ def main() -> None:
             result.update(json.loads(done.stdout.strip().splitlines()[-1]))
         results.append(result)
 
-    names = {"sparse": f"sparse deltas ({args.density:.0%})", "full": "full fine-tuning"}
-    print(f"\n{'method':<22}{'trainable':>22}{'step ms':>10}{'peak MB':>10}{'loss before':>13}{'loss after':>12}")
+    names = {"sparse": f"sparse deltas ({args.density:.0%})", "s2ft": "S²FT (heads, channels)", "full": "full fine-tuning"}
+    print(f"\n{'method':<24}{'trainable':>22}{'step ms':>10}{'peak MB':>10}{'loss before':>13}{'loss after':>12}")
     for r in results:
         share = f"{r['trainable']:,} ({r['trainable'] / r['total']:.1%})"
-        print(f"{names[r['method']]:<22}{share:>22}{r['step_ms']:>10.1f}{r['peak_mb']:>10.1f}{r['loss_before']:>13.3f}{r['loss_after']:>12.3f}")
-    sparse, full = results
-    print(f"\nsparse / full: step time {sparse['step_ms'] / full['step_ms']:.2f}x, peak memory {sparse['peak_mb'] / full['peak_mb']:.2f}x; "
-          f"{sparse['regrowths']} SpIEL regrowths during the sparse run")
+        print(f"{names[r['method']]:<24}{share:>22}{r['step_ms']:>10.1f}{r['peak_mb']:>10.1f}{r['loss_before']:>13.3f}{r['loss_after']:>12.3f}")
+    full = results[-1]
+    for r in results[:-1]:
+        print(f"{names[r['method']]} / full: step time {r['step_ms'] / full['step_ms']:.2f}x, peak memory {r['peak_mb'] / full['peak_mb']:.2f}x")
+    print(f"{results[0]['regrowths']} SpIEL regrowths during the sparse-delta run")
 
-    adapter = os.path.join(args.out, "adapter")
-    size = sum(os.path.getsize(os.path.join(adapter, f)) for f in os.listdir(adapter))
-    fresh = ftcore.load_adapter(base_model(), adapter)
     _, eval_batch = token_windows()
-    with torch.no_grad():
-        reloaded = fresh(input_ids=eval_batch).logits
-    trained = torch.load(os.path.join(args.out, "sparse_logits.pt"))
-    same = torch.equal(reloaded, trained)
-    print(f"saved adapter: {adapter} ({size / 1024:.0f} KiB); reloaded into a fresh base model, its outputs match "
-          f"the trained model's exactly: {same}")
-    if not same:
-        raise SystemExit("reloaded adapter does not reproduce the trained model")
+    for method in ("sparse", "s2ft"):
+        adapter = os.path.join(args.out, f"{method}-adapter")
+        size = sum(os.path.getsize(os.path.join(adapter, f)) for f in os.listdir(adapter))
+        fresh = ftcore.load_adapter(base_model(), adapter)
+        with torch.no_grad():
+            reloaded = fresh(input_ids=eval_batch).logits
+        same = torch.equal(reloaded, torch.load(os.path.join(args.out, f"{method}-logits.pt")))
+        print(f"{names[method]} adapter: {adapter} ({size / 1024:.0f} KiB); reloaded into a fresh base model, its outputs "
+              f"match the trained model's exactly: {same}")
+        if not same:
+            raise SystemExit(f"the reloaded {method} adapter does not reproduce the trained model")
 
 
 if __name__ == "__main__":

@@ -12,20 +12,21 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-try:  # GPT-2 style layers keep their weight as (in, out)
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency, but the modules work without it
-    Conv1D = None
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2), which keeps its weight as (in, out). Recognised by name, so that ftcore's
+    ops and modules never import transformers (about a second and 20 MB)."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
 
 
 def is_linear_like(module: nn.Module) -> bool:
     """nn.Linear or transformers' Conv1D: the layers ftcore's modules can wrap."""
-    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def logical_weight(layer: nn.Module) -> Tensor:
     """The (out, in) view of a linear-like layer's weight (a transposed view for Conv1D, no copy)."""
-    return layer.weight.t() if Conv1D is not None and isinstance(layer, Conv1D) else layer.weight
+    return layer.weight.t() if is_conv1d(layer) else layer.weight
 
 
 def index_dtype_for(numel: int) -> torch.dtype:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..nn.base import logical_weight
+from ..nn.base import is_linear_like, logical_weight
 from .sparse_delta import run_calibration
 from .structured import StructuredSparseConfig, _CalibrationStats, _head_columns, transformer_blocks
 
@@ -90,7 +90,7 @@ def plan_backprop(
         stats.close()
 
     # Full fine-tuning: every linear layer's input and weight gradient (the output head included).
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+    linears = [m for m in model.modules() if is_linear_like(m)]
     full = sum(2 * _linear_flops(m) for m in linears)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_dx = _linear_flops(head) if head is not None else 0.0

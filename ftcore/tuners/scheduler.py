@@ -18,12 +18,6 @@ from torch import nn
 
 from ..nn.sparse_delta import GradientProbe, SparseDeltaLinear
 
-try:
-    from transformers import TrainerCallback
-except ImportError:  # pragma: no cover
-    TrainerCallback = object
-
-
 def _unwrap_optimizer(optimizer):
     # accelerate wraps the optimizer (AcceleratedOptimizer, itself an Optimizer); its state lives inside.
     inner = getattr(optimizer, "optimizer", None)
@@ -137,21 +131,3 @@ class SparseDeltaScheduler:
                 s.copy_(remap(s))
         if values.grad is not None:
             values.grad.copy_(remap(values.grad))
-
-
-class SparseDeltaCallback(TrainerCallback):
-    """Runs a SparseDeltaScheduler inside ``transformers.Trainer``: ``Trainer(..., callbacks=[SparseDeltaCallback()])``.
-    Takes the scheduler's keyword arguments; total_steps defaults to the Trainer's max_steps."""
-
-    def __init__(self, **scheduler_kwargs):
-        self.scheduler_kwargs = scheduler_kwargs
-        self.scheduler: Optional[SparseDeltaScheduler] = None
-
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        options = dict(self.scheduler_kwargs)
-        options.setdefault("total_steps", state.max_steps or None)
-        self.scheduler = SparseDeltaScheduler(model, optimizer, **options)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.scheduler is not None:
-            self.scheduler.step()
