@@ -1,6 +1,6 @@
 # Every target works on a fresh machine that has only Python 3.10+: it makes its own virtual environment.
 #   make test        CPU torch 2.13.0 + dependencies, build ftcore, run the test suite
-#   make demo        fine-tune a small Llama with sparse deltas and with full fine-tuning (built-in default)
+#   make demo        fine-tune a small Llama with sparse deltas, S²FT and full fine-tuning (built-in default)
 #   make bench       the microbenchmarks; prints ratios and writes bench/results/
 #   make bench-micro per-op timings with pytest-benchmark (for comparing commits)
 #   make cuda-check  CUDA build of torch in a separate env, compile every .cu into the extension
@@ -40,6 +40,7 @@ demo: build
 
 bench: build
 	$(PY) bench/bench_sparse_delta.py
+	$(PY) bench/bench_structured.py
 
 bench-micro: build
 	$(PY) -m pytest -q bench/test_ops_micro.py --benchmark-only

@@ -3,6 +3,7 @@ merge / unmerge / compose / disable. Each call works on any model that ``ftcore.
 method (sparse deltas or structured blocks)."""
 
 import contextlib
+import warnings
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
@@ -74,6 +75,14 @@ def save_adapter(model: nn.Module, path: str, *, overwrite: bool = False) -> Non
         raise ValueError(f"the model mixes adapter methods {sorted(methods)}; an adapter file holds one")
     state = getattr(model, "_ftcore_state", None) or {}
     config = state.get("config")
+    deltas = {id(m.delta) for m in layers.values()}
+    left_out = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in deltas]
+    if left_out:
+        warnings.warn(
+            f"save_adapter saves the ftcore deltas only; {len(left_out)} other trainable parameters "
+            f"({', '.join(left_out[:3])}{', ...' if len(left_out) > 3 else ''}) are not in the adapter: save them yourself",
+            stacklevel=2,
+        )
     records = {name: adapter_files.record_of(m) for name, m in layers.items()}
     adapter_files.save(path, methods.pop(), config.to_dict() if config is not None else {}, records, _base_model_info(model), overwrite)
 
@@ -87,10 +96,10 @@ def _read_config(saved: adapter_files.Adapter):
         raise ValueError(f"{saved.path}: the recorded config is invalid: {exc}") from exc
 
 
-def load_adapter(model: nn.Module, path: str, *, merged: Optional[bool] = None, trainable: bool = True) -> nn.Module:
+def load_adapter(model: nn.Module, path: str, *, merged: Optional[bool] = None, trainable: bool = False) -> nn.Module:
     """Validates the adapter at `path` against `model` (names, shapes, dtypes, index ranges, checksum), then
-    applies it. Returns the model. On any error the model is left untouched. `trainable=False` freezes the
-    adapter too (serving)."""
+    applies it. Returns the model. On any error the model is left untouched. The adapter is frozen, for
+    inference, unless ``trainable=True`` (to go on training it), as in PEFT."""
     saved = adapter_files.read(path)
     if adapter_layers(model):
         raise ValueError("the model already carries an ftcore adapter; use ftcore.switch_adapter, or merge/unmerge it first")
@@ -100,13 +109,21 @@ def load_adapter(model: nn.Module, path: str, *, merged: Optional[bool] = None, 
         merged = config.merged if config is not None else True
     layer_class = adapter_files.LAYER_CLASSES[saved.method]
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, layer in targets:
-        record = saved.layers[name]
-        module = layer_class.from_adapter_record(layer, record.meta, record.tensors, merged=merged)
-        module.delta.requires_grad_(trainable)
-        set_submodule(model, name, module)
+    wrapped = {}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, layer in targets:
+            record = saved.layers[name]
+            wrapped[name] = layer_class.from_adapter_record(layer, record.meta, record.tensors, merged=merged)
+            wrapped[name].delta.requires_grad_(trainable)
+            set_submodule(model, name, wrapped[name])
+    except BaseException:
+        for name, module in wrapped.items():
+            set_submodule(model, name, module.unwrap(with_delta=False))
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad[name])
+        raise
     model._ftcore_state = {"config": config, "requires_grad": requires_grad}
     return model
 
@@ -121,7 +138,7 @@ def switch_adapter(model: nn.Module, adapter: Union[str, adapter_files.Adapter])
     """Replaces the model's adapter with another of the same method (a path, or one from ``read_adapter``),
     moving only the adapters' bytes: each layer writes W0 back under the old delta and writes the new delta;
     nothing else of the weights is touched. The new adapter is checked in full first; on any error the model
-    keeps its current adapter."""
+    keeps its current adapter. Its deltas are new Parameters: an optimizer must be built after the switch."""
     layers = _layers_or_raise(model)
     saved = adapter if isinstance(adapter, adapter_files.Adapter) else adapter_files.read(adapter)
     path = saved.path
@@ -131,8 +148,8 @@ def switch_adapter(model: nn.Module, adapter: Union[str, adapter_files.Adapter])
     targets = dict(adapter_files.match_model(model, saved, allow_wrapped=True))
     config = _read_config(saved)
     layer_class = adapter_files.LAYER_CLASSES[saved.method]
-    merged = next(iter(layers.values())).merged
-    trainable = next(iter(layers.values())).delta.requires_grad
+    first = next(iter(layers.values()))
+    merged, trainable, disabled = first.merged, first.delta.requires_grad, first.disabled
     for name in set(layers) - set(targets):  # layers the new adapter leaves alone go back to W0
         set_submodule(model, name, layers[name].unwrap(with_delta=False))
     for name, module in targets.items():
@@ -140,10 +157,11 @@ def switch_adapter(model: nn.Module, adapter: Union[str, adapter_files.Adapter])
         record = saved.layers[name]
         fresh = layer_class.from_adapter_record(base, record.meta, record.tensors, merged=merged)
         fresh.delta.requires_grad_(trainable)
-        if merged:
+        fresh.disabled = disabled  # a switch inside ftcore.disable() stays disabled
+        if merged and not disabled:
             fresh.sync_merged()  # write the new delta now, not at the first forward
         set_submodule(model, name, fresh)
-    model._ftcore_state["config"] = config
+    model.__dict__.setdefault("_ftcore_state", {"requires_grad": {}})["config"] = config
     return model
 
 
@@ -205,13 +223,12 @@ def compose(model: nn.Module, *adapters: str, scale: float = 1.0) -> nn.Module:
 
 @contextlib.contextmanager
 def disable(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block the model computes as its base (W0, no delta); on exit the deltas come back."""
-    layers = _layers_or_raise(model).values()
-    previous = [m.disabled for m in layers]
-    for m in layers:
+    """Inside the block the model computes as its base (W0, no delta); on exit the deltas come back (also those
+    of an adapter switched to inside the block)."""
+    for m in _layers_or_raise(model).values():
         m.disabled = True
     try:
         yield model
     finally:
-        for m, was in zip(layers, previous):
-            m.disabled = was
+        for m in adapter_layers(model).values():
+            m.disabled = False

@@ -137,13 +137,21 @@ def sparse_delta_topk(
 # outputs). Blocks are gathered and scattered by index: the weight's layout never changes.
 
 
+def _check_cuda_block_index(index: Optional[Tensor], limit: int, name: str) -> None:
+    # On the CPU the kernels check; on CUDA an index that repeats would race in the scatters: check here.
+    if isinstance(index, Tensor) and index.is_cuda:
+        check_delta_indices(index, limit, name=name, strict=True)
+
+
 def gather_columns(input: Tensor, columns: Tensor) -> Tensor:
     """``input[..., columns]`` as a compact contiguous tensor: the only activation a column block keeps."""
+    _check_cuda_block_index(columns, input.shape[-1], "columns")
     return torch.ops.ftcore.gather_columns.default(input, columns)
 
 
 def scatter_columns(values: Tensor, columns: Tensor, features: int) -> Tensor:
     """(..., features) zeros with ``values[..., j]`` at column ``columns[j]``: the adjoint of gather_columns."""
+    _check_cuda_block_index(columns, features, "columns")
     return torch.ops.ftcore.scatter_columns.default(values, columns, features)
 
 
@@ -156,6 +164,8 @@ def structured_block_grad(
     Column block: ``structured_block_grad(g, gather_columns(x, S))`` (out × k). Row block:
     ``structured_block_grad(g, x, rows=R)`` (k × in). Same as ``F.linear``'s weight gradient restricted to the block.
     """
+    _check_cuda_block_index(rows, grad_output.shape[-1], "rows")
+    _check_cuda_block_index(columns, input.shape[-1], "columns")
     return torch.ops.ftcore.structured_block_grad.default(grad_output, input, rows, columns)
 
 
@@ -165,11 +175,13 @@ def structured_block_scatter_(
     """In place on the 2-D logical (out, in) weight (any strides): ``weight[:, index]`` (or ``[index, :]`` with
     rows=True) ``= start + alpha * block``, start = `base` if given else the current block, computed in fp32 and
     rounded once. ``alpha == 0`` with `base` writes `base` exactly (bit-exact unmerge). Not differentiable."""
+    _check_cuda_block_index(index, weight.shape[0 if rows else 1], "index")
     torch.ops.ftcore.structured_block_scatter_.default(weight, index, block, float(alpha), base, rows)
 
 
 def structured_block_gather(weight: Tensor, index: Tensor, *, rows: bool = False) -> Tensor:
     """``weight[:, index]`` (or ``weight[index, :]``) of the 2-D logical weight, contiguous, in weight's dtype."""
+    _check_cuda_block_index(index, weight.shape[0 if rows else 1], "index")
     return torch.ops.ftcore.structured_block_gather.default(weight, index, rows)
 
 

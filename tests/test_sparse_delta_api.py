@@ -197,7 +197,9 @@ def test_save_load_round_trip_is_exact(tmp_path, make):
     for name, m in sparse_layers(model).items():
         other = loaded.get_submodule(name)
         assert torch.equal(other.indices, m.indices) and torch.equal(other.values, m.values)
-        assert other.values.requires_grad
+        assert not other.values.requires_grad  # frozen for inference unless trainable=True, as in PEFT
+    resumed = ftcore.load_adapter(make(), str(tmp_path), trainable=True)
+    assert all(p.requires_grad for p in ftcore.trainable_parameters(resumed)) and ftcore.trainable_parameters(resumed)
     k = sum(m.num_deltas for m in sparse_layers(model).values())
     header_slack = 4096 + 200 * len(sparse_layers(model))
     assert os.path.getsize(tmp_path / WEIGHTS_NAME) <= 8 * k + header_slack

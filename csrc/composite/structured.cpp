@@ -66,6 +66,7 @@ at::Tensor multi_adapter_linear(const at::Tensor& input, const at::Tensor& weigh
                                                : blocks.size(0) == out && blocks.size(1) == total),
                     op, ": blocks must be ", rows ? total : out, "x", rows ? in : total, " (", rows ? "rows" : "columns",
                     " stacked along dim ", rows ? 0 : 1, "), got shape ", blocks.sizes());
+  if (input.size(0) == 0) return at::linear(input, weight, bias);
   const auto ids = adapter_ids.to(at::kCPU, at::kLong);
   const auto id_min = ids.min().item<int64_t>(), id_max = ids.max().item<int64_t>();
   TORCH_CHECK_INDEX(id_min >= -1 && id_max < adapters, op, ": adapter_ids must be in [-1, ", adapters,

@@ -3,20 +3,25 @@ trainable delta, an ordinary fp32 ``nn.Parameter``, that either lives merged in 
 GEMM a forward, the default) or beside it (unmerged: W0 exactly, the delta's product added).
 
 The base weight's own values under the delta are kept, so unmerging restores W0 bit for bit. While merged,
-the weight is refreshed from the delta before a forward whenever the delta changed (an optimizer step bumps
-its version counter); the refresh writes only the delta's positions.
+the weight is refreshed from the delta before a forward whenever the delta may have changed: its version
+counter moved (any in-place op), or an optimizer stepped it (caught by a global optimizer hook, so optimizers
+that write raw memory, bitsandbytes' for one, are seen too). The refresh writes only the delta's positions.
+Writing ``delta.data`` by hand outside an optimizer is invisible to both: call ``refresh()`` after it.
+
+Keep the delta in fp32: ``model.to(torch.bfloat16)`` after ``apply`` would cast the master copy too.
 """
 
+import weakref
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 def is_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2), which keeps its weight as (in, out). Recognised by name, so that ftcore's
-    ops and modules never import transformers (about a second and 20 MB)."""
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+    """transformers' Conv1D (GPT-2) or a subclass, which keep the weight as (in, out). Recognised by name, so
+    that ftcore's ops and modules never import transformers (about a second and 20 MB)."""
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers.") for c in type(module).__mro__)
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -38,6 +43,23 @@ def delta_dtype_for(weight: Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
+# Live layers by the id of their trainable Parameter, for the optimizer hook below.
+_LAYERS_BY_DELTA: "weakref.WeakValueDictionary[int, DeltaLinear]" = weakref.WeakValueDictionary()
+
+
+def _mark_stepped(optimizer, args, kwargs) -> None:
+    """After any optimizer step: the layers whose deltas it holds refresh their merged weight before the next
+    forward, even if the optimizer wrote the delta without moving its version counter."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            layer = _LAYERS_BY_DELTA.get(id(p))
+            if layer is not None and layer.delta is p:
+                layer.refresh()
+
+
+register_optimizer_step_post_hook(_mark_stepped)
+
+
 class DeltaLinear(nn.Module):
     """Base of SparseDeltaLinear and StructuredSparseLinear. Subclasses set ``method`` (the adapter-file name),
     ``adapter_tensors`` (the tensors they save), and implement the delta-specific hooks marked below."""
@@ -57,6 +79,15 @@ class DeltaLinear(nn.Module):
         self.disabled = False
         # The version of the delta that the base weight currently holds; None: it holds W0 exactly.
         self._merged_version: Optional[int] = None
+        self._stale = False  # the delta may have changed behind its version counter
+        # A state dict may replace the weight, the delta and the base values together: W0 goes back under the
+        # old delta before, and under the new one after (the next forward merges again).
+        self.register_load_state_dict_pre_hook(lambda module, *args: module.restore_base())
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module._reset_to_base())
+
+    def _register_delta(self) -> None:
+        """Subclasses call this once their delta Parameter exists."""
+        _LAYERS_BY_DELTA[id(self.delta)] = self
 
     # ---- to implement -------------------------------------------------------------------------------------
 
@@ -112,11 +143,21 @@ class DeltaLinear(nn.Module):
             self._merged_version = None
 
     @torch.no_grad()
+    def _reset_to_base(self) -> None:
+        self._write_base()
+        self._merged_version = None
+
+    def refresh(self) -> None:
+        """Makes the next forward re-merge the delta (after writing ``delta.data`` by hand)."""
+        self._stale = True
+
+    @torch.no_grad()
     def sync_merged(self) -> None:
         """Makes the base weight hold W0 + Δ for the current delta (no-op when it already does)."""
-        if self._merged_version != self.delta._version:
+        if self._stale or self._merged_version != self.delta._version:
             self._write_merged()
             self._merged_version = self.delta._version
+            self._stale = False
 
     def set_merged(self, merged: bool) -> None:
         """Switch between merged (W0 + Δ in the base weight) and unmerged (W0 exactly, the delta added)."""

@@ -120,6 +120,7 @@ class SparseDeltaLinear(DeltaLinear):
         self.register_buffer("base_values", torch.zeros(0, dtype=weight.dtype, device=weight.device))
         self.probe: Optional[GradientProbe] = None
         self.set_delta(indices, values)
+        self._register_delta()
 
     @property
     def delta(self) -> nn.Parameter:
@@ -133,8 +134,9 @@ class SparseDeltaLinear(DeltaLinear):
     def set_delta(self, indices: Tensor, values: Optional[Tensor] = None) -> None:
         """Moves the delta to new positions (with new values, zeros by default), W0 untouched.
 
-        When the count is unchanged the values Parameter is updated in place, so an optimizer holding it keeps
-        working (its per-entry state must be remapped by the caller, as SparseDeltaScheduler does).
+        When the count is unchanged the values Parameter is updated in place, so an optimizer holding it can
+        go on; its per-entry state (Adam's moments) belongs to the old positions and is the caller's to remap,
+        as SparseDeltaScheduler does. The gradient of the old positions is dropped.
         """
         weight = self._weight()
         check_delta_indices(indices, weight.numel(), strict=True)
@@ -151,6 +153,7 @@ class SparseDeltaLinear(DeltaLinear):
             self.values.copy_(values)
         else:
             self.values.data = values.clone()
+        self.values.grad = None
 
     def _write_merged(self) -> None:
         ops.sparse_delta_scatter_(self._weight(), self.indices, self.values, 1.0, self.base_values)

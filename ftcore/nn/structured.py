@@ -28,9 +28,8 @@ class _StructuredSparseLinearFunction(torch.autograd.Function):
     is frozen (then only the input gradient is computed)."""
 
     @staticmethod
-    def forward(ctx, x, block, weight, bias, index, rows, merged):
+    def forward(ctx, x, block, weight, bias, index, rows, merged, train_block):
         y = F.linear(x, weight, bias)
-        train_block = block.requires_grad
         if rows:
             if not merged:
                 y = y.index_add(-1, index, F.linear(x, block.to(x.dtype)).to(y.dtype))
@@ -61,7 +60,7 @@ class _StructuredSparseLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             x = kept if kept.dtype == g.dtype else kept.to(g.dtype)
             d_block = (ops.structured_block_grad(g, x, index, None) if ctx.rows else ops.structured_block_grad(g, x)).to(block.dtype)
-        return dx, d_block, None, None, None, None, None
+        return dx, d_block, None, None, None, None, None, None
 
 
 class StructuredSparseLinear(DeltaLinear):
@@ -86,6 +85,7 @@ class StructuredSparseLinear(DeltaLinear):
         self.register_buffer("index", torch.zeros(0, dtype=torch.int64, device=weight.device))
         self.register_buffer("base_block", torch.zeros(0, 0, dtype=weight.dtype, device=weight.device))
         self.set_block(index, block)
+        self._register_delta()
 
     @property
     def delta(self) -> nn.Parameter:
@@ -100,9 +100,10 @@ class StructuredSparseLinear(DeltaLinear):
 
     @torch.no_grad()
     def set_block(self, index: Tensor, block: Optional[Tensor] = None) -> None:
-        """Moves the block to new columns/rows (with a new block, zeros by default), W0 untouched: an adapter
-        switch writes back the old block's W0 and the new block, nothing else. When the shape is unchanged the
-        Parameter is updated in place, so an optimizer holding it keeps working."""
+        """Moves the block to new columns/rows (with a new block, zeros by default), W0 untouched: W0 goes back
+        under the old block and the new block is written, nothing else. When the shape is unchanged the
+        Parameter is updated in place, so an optimizer holding it can go on; its per-entry state belongs to the
+        old block and is the caller's to reset. The gradient of the old block is dropped."""
         weight = self._weight()
         limit = self.out_features if self.rows else self.in_features
         check_delta_indices(index, limit, name="index", strict=True)
@@ -120,6 +121,7 @@ class StructuredSparseLinear(DeltaLinear):
             self.block.copy_(block)
         else:
             self.block.data = block.clone()
+        self.block.grad = None
 
     def _write_merged(self) -> None:
         ops.structured_block_scatter_(self._weight(), self.index, self.block, 1.0, self.base_block, self.rows)
@@ -128,8 +130,10 @@ class StructuredSparseLinear(DeltaLinear):
         ops.structured_block_scatter_(self._weight(), self.index, self.block, 0.0, self.base_block, self.rows)
 
     def _delta_forward(self, x: Tensor) -> Tensor:
+        # Under no_grad (evaluation, generation) nothing is kept, so the compact slice is not even gathered.
+        train_block = self.block.requires_grad and torch.is_grad_enabled()
         return _StructuredSparseLinearFunction.apply(
-            x, self.block, self._weight(), self.base_layer.bias, self.index, self.rows, self.merged
+            x, self.block, self._weight(), self.base_layer.bias, self.index, self.rows, self.merged, train_block
         )
 
     # ---- adapter files ------------------------------------------------------------------------------------

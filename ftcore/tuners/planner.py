@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..nn.base import is_linear_like, logical_weight
-from .sparse_delta import run_calibration
+from ..nn.base import DeltaLinear, is_linear_like, logical_weight
 from .structured import StructuredSparseConfig, _CalibrationStats, _head_columns, transformer_blocks
 
 _BINS = 2000  # cost resolution of the knapsack
+COLUMN_TARGETS = ("o_proj", "down_proj")
 
 
 @dataclass
@@ -73,28 +73,31 @@ def plan_backprop(
     *,
     head_ratio: float = 0.1,
     channel_ratio: float = 0.05,
-    targets: Tuple[str, ...] = ("o_proj", "down_proj"),
+    targets: Tuple[str, ...] = COLUMN_TARGETS,
 ) -> BackpropPlan:
     """Chooses which blocks' heads and channels to train so that backward costs at most `budget` (a fraction in
     (0, 1]) of full fine-tuning's, from per-layer backward FLOPs and gradient importance on `calibration`
     (batches with labels). Inside a trained block, the heads / channels with the largest gradients train
-    (head_ratio / channel_ratio of them). Returns a BackpropPlan for ``ftcore.apply``."""
+    (head_ratio / channel_ratio of them) as column blocks of o_proj / down_proj. Returns a BackpropPlan for
+    ``ftcore.apply``."""
     if not 0 < budget <= 1:
         raise ValueError(f"budget must be a fraction in (0, 1], got {budget}")
+    rows = [t for t in targets if t not in COLUMN_TARGETS]
+    if rows:
+        raise ValueError(f"plan_backprop plans column blocks {COLUMN_TARGETS}; {rows} (row blocks) are not in its cost model")
+    if any(isinstance(m, DeltaLinear) for m in model.modules()):
+        raise ValueError("plan on the plain model: this one already carries an ftcore adapter")
     probe = StructuredSparseConfig(head_ratio=head_ratio, channel_ratio=channel_ratio, targets=targets)
     blocks, geo = transformer_blocks(model)
     stats = _CalibrationStats(model, blocks, geo, "gradient")
-    try:
-        run_calibration(model, calibration)
-    finally:
-        stats.close()
+    stats.run(calibration)
 
     # Full fine-tuning: every linear layer's input and weight gradient (the output head included).
     linears = [m for m in model.modules() if is_linear_like(m)]
     full = sum(2 * _linear_flops(m) for m in linears)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_dx = _linear_flops(head) if head is not None else 0.0
-    block_dx = [sum(_linear_flops(m) for m in b.layers.values()) for b in blocks]
+    block_dx = [sum(_linear_flops(m) for m in b.module.modules() if is_linear_like(m)) for b in blocks]
     ffn_dx = [sum(_linear_flops(b.layers[r]) for r in ("up_proj", "gate_proj", "down_proj") if r in b.layers) for b in blocks]
 
     units: List[PlanUnit] = []
@@ -119,31 +122,30 @@ def plan_backprop(
         raise ValueError(f"budget {budget:.1%} buys no trainable unit: the cheapest costs {cheapest:.1%} of full fine-tuning's backward")
     for i in chosen:
         units[i].train = True
-    cost = (min(units[i].chain_flops for i in chosen) + sum(units[i].dw_flops for i in chosen)) / full
+    cost = plan_cost(units[i] for i in chosen) / full
 
     layers = {}
     by_number = {b.number: b for b in blocks}
-    group = geo.heads // geo.kv_heads
     for u in units:
         if not u.train:
             continue
         b = by_number[u.block]
-        if u.kind == "heads":
-            if "o_proj" in targets:
-                layers[b.names["o_proj"]] = (_head_columns(u.index, geo.head_dim), False)
-            if "v_proj" in targets:
-                layers[b.names["v_proj"]] = (_head_columns(torch.unique(u.index // group), geo.head_dim) + b.v_row_offset, True)
-        else:
-            if "down_proj" in targets:
-                layers[b.names["down_proj"]] = (u.index, False)
-            for role in ("up_proj", "gate_proj"):
-                if role in targets and role in b.layers:
-                    layers[b.names[role]] = (u.index, True)
+        if u.kind == "heads" and "o_proj" in targets:
+            layers[b.names["o_proj"]] = (_head_columns(u.index, geo.head_dim), False)
+        elif u.kind == "channels" and "down_proj" in targets:
+            layers[b.names["down_proj"]] = (u.index, False)
     config = StructuredSparseConfig(
         head_ratio=probe.head_ratio, channel_ratio=probe.channel_ratio, targets=targets, selection="gradient",
         scope="layer", layers_to_transform=sorted({u.block for u in units if u.train}),
     )
     return BackpropPlan(config, layers, units, budget, cost, full)
+
+
+def plan_cost(units) -> float:
+    """Backward FLOPs per token of training these units: the chain down to the lowest of them (the longest
+    chain), plus each one's weight gradient."""
+    units = list(units)
+    return max(u.chain_flops for u in units) + sum(u.dw_flops for u in units)
 
 
 def _solve(units: List[PlanUnit], budget_flops: float) -> List[int]:

@@ -129,5 +129,3 @@ class SparseDeltaScheduler:
         for s in state.values():
             if torch.is_tensor(s) and s.shape == values.shape:
                 s.copy_(remap(s))
-        if values.grad is not None:
-            values.grad.copy_(remap(values.grad))

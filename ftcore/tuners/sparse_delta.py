@@ -114,19 +114,20 @@ def magnitude_positions(weight: Tensor, k: int, rows_per_chunk: int = 0) -> Tens
     return torch.sort(best_index).values
 
 
-def run_calibration(model: nn.Module, batches: Iterable) -> int:
-    """Forward and backward over calibration batches (dicts for ``model(**batch)`` with labels, so the
-    output has ``.loss``). Returns how many batches ran."""
+def run_calibration(model: nn.Module, batches: Iterable, *, backward: bool = True) -> int:
+    """Forward (and, by default, backward) over calibration batches: dicts for ``model(**batch)``, with labels
+    when backward is wanted, so the output has ``.loss``. Returns how many batches ran."""
     seen = 0
-    with torch.enable_grad():
+    with torch.enable_grad() if backward else torch.no_grad():
         for batch in batches:
             if not isinstance(batch, dict):
                 raise TypeError(f"calibration batches must be dicts of model inputs, got {type(batch).__name__}")
             output = model(**batch)
-            loss = getattr(output, "loss", None)
-            if loss is None:
-                raise ValueError("calibration batches must produce a loss: include labels in each batch")
-            loss.backward()
+            if backward:
+                loss = getattr(output, "loss", None)
+                if loss is None:
+                    raise ValueError("calibration batches must produce a loss: include labels in each batch")
+                loss.backward()
             seen += 1
     if seen == 0:
         raise ValueError("calibration is empty: pass at least one batch")

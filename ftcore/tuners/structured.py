@@ -84,6 +84,7 @@ class Block:
     """One transformer block's layers, by role, and its attention geometry."""
 
     number: int
+    module: nn.Module  # the whole transformer block
     layers: Dict[str, nn.Module]  # role -> linear layer (only roles the architecture has)
     names: Dict[str, str]  # role -> full module name
     v_row_offset: int  # where v's rows start in its (possibly fused q/k/v) weight
@@ -149,7 +150,7 @@ def transformer_blocks(model: nn.Module) -> Tuple[List[Block], Geometry]:
             layers[role] = layer.base_layer if isinstance(layer, DeltaLinear) else layer
             names[role] = f"{path}.{number}.{sub}"
         v_offset = 2 * geo.heads * geo.head_dim if model_type == "gpt2" else 0  # GPT-2 fuses q, k, v
-        blocks.append(Block(number, layers, names, v_offset))
+        blocks.append(Block(number, block, layers, names, v_offset))
     return blocks, geo
 
 
@@ -168,10 +169,22 @@ class _CalibrationStats:
     gradient is never held)."""
 
     def __init__(self, model, blocks, geo, kind):
-        self.kind, self.geo = kind, geo
+        self.model, self.blocks, self.kind, self.geo = model, blocks, kind, geo
         self.scores: Dict[Tuple[int, str], Tensor] = {}
         self.handles = []
-        self._inputs = {}
+        self._inputs = {}  # "gradient": each layer's input until its backward (about what full FT keeps)
+        self._requires_grad = []
+
+    def run(self, calibration) -> None:
+        """Hooks in, passes over the calibration batches, hooks out; the model is as before whatever happens."""
+        try:
+            self._attach()
+            run_calibration(self.model, calibration, backward=self.kind == "gradient")
+        finally:
+            self._detach()
+
+    def _attach(self) -> None:
+        model, blocks, geo, kind = self.model, self.blocks, self.geo, self.kind
         # Nothing may form a dense weight gradient: freeze everything while the hooks look on.
         self._requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         for p, _ in self._requires_grad:
@@ -215,11 +228,12 @@ class _CalibrationStats:
 
         return hook
 
-    def close(self):
+    def _detach(self) -> None:
         for h in self.handles:
             h.remove()
         for p, flag in self._requires_grad:
             p.requires_grad_(flag)
+        self.handles, self._requires_grad, self._inputs = [], [], {}
 
 
 def _unit_scores(model, blocks, geo, config, calibration) -> Dict[Tuple[int, str], Tensor]:
@@ -240,15 +254,7 @@ def _unit_scores(model, blocks, geo, config, calibration) -> Dict[Tuple[int, str
     if calibration is None:
         raise ValueError(f'selection="{config.selection}" needs calibration= (a few batches of model inputs)')
     stats = _CalibrationStats(model, blocks, geo, config.selection)
-    try:
-        if config.selection == "activation":
-            with torch.no_grad():
-                for batch in calibration:
-                    model(**batch)
-        else:
-            run_calibration(model, calibration)
-    finally:
-        stats.close()
+    stats.run(calibration)
     for block in blocks:
         scores[(block.number, "heads")] = stats.scores[(block.number, "o_proj")].cpu()
         scores[(block.number, "channels")] = stats.scores[(block.number, "down_proj")].cpu()
@@ -287,6 +293,8 @@ def plan_layers(model, config: StructuredSparseConfig, calibration=None) -> Dict
     blocks, geo = transformer_blocks(model)
     if config.layers_to_transform is not None:
         wanted = set(config.layers_to_transform)
+        if not wanted:
+            raise ValueError("layers_to_transform is empty: name at least one block, or pass None for all")
         missing = wanted - {b.number for b in blocks}
         if missing:
             raise ValueError(f"layers_to_transform names blocks {sorted(missing)}; the model has {len(blocks)}")
