@@ -77,7 +77,7 @@ ProductArgs check_product_args(const at::Tensor& input, const at::Tensor& indice
   return {as_rows(input), indices.contiguous(), values.to(acc).contiguous(), out, in, other_features};
 }
 
-std::vector<int64_t> product_shape(const at::Tensor& input, int64_t features) {
+std::vector<int64_t> with_last_dim(const at::Tensor& input, int64_t features) {
   std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end() - 1);
   shape.push_back(features);
   return shape;

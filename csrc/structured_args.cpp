@@ -25,6 +25,23 @@ void check_block_index(const at::Tensor& index, const at::Tensor& like, int64_t 
   });
 }
 
+void check_gather_columns_args(const at::Tensor& input, const at::Tensor& columns) {
+  constexpr const char* op = "gather_columns";
+  check_floating(input, op, "input");
+  check_min_dim(input, 1, op, "input");
+  check_block_index(columns, input, input.size(-1), op, "columns");
+}
+
+void check_scatter_columns_args(const at::Tensor& values, const at::Tensor& columns, int64_t features) {
+  constexpr const char* op = "scatter_columns";
+  check_floating(values, op, "values");
+  check_min_dim(values, 1, op, "values");
+  TORCH_CHECK_VALUE(features >= 0, op, ": features must be >= 0, got ", features);
+  check_block_index(columns, values, features, op, "columns");
+  TORCH_CHECK_VALUE(values.size(-1) == columns.numel(), op, ": values' last dim (", values.size(-1),
+                    ") must equal the number of columns (", columns.numel(), ")");
+}
+
 std::pair<int64_t, int64_t> block_shape(const at::Tensor& weight, const at::Tensor& index, bool rows) {
   return rows ? std::make_pair(index.numel(), weight.size(1)) : std::make_pair(weight.size(0), index.numel());
 }

@@ -63,8 +63,8 @@ __all__ = [
 
 
 def __getattr__(name):
-    if name == "SparseDeltaCallback":  # imports transformers' Trainer machinery: only on first use
-        from .tuners.callback import SparseDeltaCallback
+    if name == "SparseDeltaCallback":  # loaded on first use (see ftcore.tuners)
+        from . import tuners
 
-        return SparseDeltaCallback
+        return tuners.SparseDeltaCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

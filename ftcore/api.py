@@ -15,7 +15,7 @@ from .tuners import adapter as adapter_files
 from .tuners.planner import BackpropPlan
 from .tuners.sparse_delta import SparseDeltaConfig, apply_sparse_delta
 from .tuners.structured import StructuredSparseConfig, apply_structured
-from .tuners.targets import set_submodule
+from .tuners.targets import install, set_submodule
 
 CONFIGS = {cls.method: cls for cls in (SparseDeltaConfig, StructuredSparseConfig)}
 
@@ -108,24 +108,17 @@ def load_adapter(model: nn.Module, path: str, *, merged: Optional[bool] = None, 
     if merged is None:
         merged = config.merged if config is not None else True
     layer_class = adapter_files.LAYER_CLASSES[saved.method]
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    wrapped = {}
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for name, layer in targets:
+
+    def builder(name: str):
+        def build(layer: nn.Module) -> DeltaLinear:
             record = saved.layers[name]
-            wrapped[name] = layer_class.from_adapter_record(layer, record.meta, record.tensors, merged=merged)
-            wrapped[name].delta.requires_grad_(trainable)
-            set_submodule(model, name, wrapped[name])
-    except BaseException:
-        for name, module in wrapped.items():
-            set_submodule(model, name, module.unwrap(with_delta=False))
-        for name, p in model.named_parameters():
-            p.requires_grad_(requires_grad[name])
-        raise
-    model._ftcore_state = {"config": config, "requires_grad": requires_grad}
-    return model
+            module = layer_class.from_adapter_record(layer, record.meta, record.tensors, merged=merged)
+            module.delta.requires_grad_(trainable)
+            return module
+
+        return build
+
+    return install(model, config, {name: builder(name) for name, _ in targets})
 
 
 def read_adapter(path: str) -> adapter_files.Adapter:

@@ -233,7 +233,7 @@ at::Tensor product_cpu(const ProductArgs& a, const at::Tensor& original_input, b
   const int64_t tokens = a.input.size(0);
   const int64_t operand_features = a.input.size(1);
   const int64_t groups = a.result_features;
-  auto result = at::empty(product_shape(original_input, groups), original_input.options());
+  auto result = at::empty(with_last_dim(original_input, groups), original_input.options());
   if (result.numel() == 0) return result;
   auto result_rows = as_rows(result);
   if (a.indices.numel() == 0) return result.zero_();

@@ -18,22 +18,15 @@ namespace {
 // Rows handed to a thread at a time: enough elements to amortise the parallel region.
 int64_t row_grain(int64_t row_elements) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_elements, 1)); }
 
-std::vector<int64_t> with_last(const at::Tensor& t, int64_t last) {
-  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end() - 1);
-  shape.push_back(last);
-  return shape;
-}
 
 }  // namespace
 
 at::Tensor gather_columns_cpu(const at::Tensor& input, const at::Tensor& columns) {
   constexpr const char* op = "gather_columns";
-  check_floating(input, op, "input");
-  check_min_dim(input, 1, op, "input");
-  check_block_index(columns, input, input.size(-1), op, "columns");
+  check_gather_columns_args(input, columns);
   const auto idx = columns.contiguous();
   const int64_t k = idx.numel();
-  auto result = at::empty(with_last(input, k), input.options());
+  auto result = at::empty(with_last_dim(input, k), input.options());
   if (result.numel() == 0) return result;
   const auto x = as_rows(input);
   auto out = result.view({-1, k});
@@ -54,15 +47,10 @@ at::Tensor gather_columns_cpu(const at::Tensor& input, const at::Tensor& columns
 
 at::Tensor scatter_columns_cpu(const at::Tensor& values, const at::Tensor& columns, int64_t features) {
   constexpr const char* op = "scatter_columns";
-  check_floating(values, op, "values");
-  check_min_dim(values, 1, op, "values");
-  TORCH_CHECK_VALUE(features >= 0, op, ": features must be >= 0, got ", features);
-  check_block_index(columns, values, features, op, "columns");
-  TORCH_CHECK_VALUE(values.size(-1) == columns.numel(), op, ": values' last dim (", values.size(-1),
-                    ") must equal the number of columns (", columns.numel(), ")");
+  check_scatter_columns_args(values, columns, features);
   const auto idx = columns.contiguous();
   const int64_t k = idx.numel();
-  auto result = at::zeros(with_last(values, features), values.options());
+  auto result = at::zeros(with_last_dim(values, features), values.options());
   if (result.numel() == 0 || k == 0) return result;
   const auto v = as_rows(values);
   auto out = result.view({-1, features});

@@ -219,7 +219,7 @@ namespace {
 at::Tensor product_cuda(const ProductArgs& a, const at::Tensor& original_input, bool transpose) {
   const at::cuda::OptionalCUDAGuard guard(original_input.device());
   const int64_t tokens = a.input.size(0), operand_features = a.input.size(1), groups = a.result_features;
-  auto result = at::empty(product_shape(original_input, groups), original_input.options());
+  auto result = at::empty(with_last_dim(original_input, groups), original_input.options());
   if (result.numel() == 0) return result;
   if (a.indices.numel() == 0) return result.zero_();
   auto result_rows = as_rows(result);

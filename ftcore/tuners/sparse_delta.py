@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..nn.base import logical_weight
 from ..nn.sparse_delta import GradientProbe, SparseDeltaLinear
-from .targets import find_targets, set_submodule
+from .targets import find_targets, install
 
 SELECTIONS = ("random", "magnitude", "gradient")
 
@@ -144,13 +144,9 @@ def apply_sparse_delta(model: nn.Module, config: SparseDeltaConfig, calibration:
     names = find_targets(model, config.target_modules, config.exclude_modules, config.layers_to_transform)
     layers = {name: model.get_submodule(name) for name in names}
     counts = allocate(config, {name: logical_weight(layer).numel() for name, layer in layers.items()})
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
 
-    wrapped: Dict[str, SparseDeltaLinear] = {}
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for name, layer in layers.items():
+    def builder(name: str):
+        def build(layer: nn.Module) -> SparseDeltaLinear:
             weight = logical_weight(layer)
             if config.selection == "random":
                 positions = random_positions(weight.numel(), counts[name], layer_generator(config.seed, name))
@@ -158,18 +154,14 @@ def apply_sparse_delta(model: nn.Module, config: SparseDeltaConfig, calibration:
                 positions = magnitude_positions(weight, counts[name])
             else:  # gradient: placed after calibration
                 positions = torch.empty(0, dtype=torch.int64)
-            wrapped[name] = SparseDeltaLinear(layer, positions, merged=config.merged)
-            set_submodule(model, name, wrapped[name])
-        if config.selection == "gradient":
-            _place_by_gradient(model, wrapped, counts, config.candidate_factor, calibration)
-    except BaseException:
-        for name, module in wrapped.items():
-            set_submodule(model, name, module.unwrap(with_delta=False))
-        for name, p in model.named_parameters():
-            p.requires_grad_(requires_grad[name])
-        raise
-    model._ftcore_state = {"config": config, "requires_grad": requires_grad}
-    return model
+            return SparseDeltaLinear(layer, positions, merged=config.merged)
+
+        return build
+
+    finish = None
+    if config.selection == "gradient":
+        finish = lambda wrapped: _place_by_gradient(model, wrapped, counts, config.candidate_factor, calibration)  # noqa: E731
+    return install(model, config, {name: builder(name) for name in layers}, finish)
 
 
 def _place_by_gradient(model, wrapped, counts, candidate_factor, calibration) -> None:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..nn.base import DeltaLinear, logical_weight
 from ..nn.structured import StructuredSparseLinear
 from .sparse_delta import run_calibration
-from .targets import set_submodule
+from .targets import install
 
 SELECTIONS = ("random", "weight-norm", "activation", "gradient")
 TARGETS = ("o_proj", "v_proj", "down_proj", "up_proj", "gate_proj")
@@ -340,19 +340,8 @@ def apply_structured(
     else (`layers`, name -> (index, rows), when a BackpropPlan already chose them). Returns the model. On any
     error the model is left as it was."""
     plan = layers if layers is not None else plan_layers(model, config, calibration)
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    wrapped: Dict[str, StructuredSparseLinear] = {}
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for name, (index, rows) in plan.items():
-            wrapped[name] = StructuredSparseLinear(model.get_submodule(name), index, rows=rows, merged=config.merged)
-            set_submodule(model, name, wrapped[name])
-    except BaseException:
-        for name, module in wrapped.items():
-            set_submodule(model, name, module.unwrap(with_delta=False))
-        for name, p in model.named_parameters():
-            p.requires_grad_(requires_grad[name])
-        raise
-    model._ftcore_state = {"config": config, "requires_grad": requires_grad}
-    return model
+
+    def builder(index: Tensor, rows: bool):
+        return lambda layer: StructuredSparseLinear(layer, index, rows=rows, merged=config.merged)
+
+    return install(model, config, {name: builder(index, rows) for name, (index, rows) in plan.items()})

@@ -8,7 +8,7 @@
 """
 
 import re
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 from torch import nn
 
@@ -92,3 +92,32 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def install(
+    model: nn.Module,
+    config,
+    builders: Dict[str, Callable[[nn.Module], DeltaLinear]],
+    finish: Optional[Callable[[Dict[str, DeltaLinear]], None]] = None,
+) -> nn.Module:
+    """Freezes the model and swaps each named layer for what its builder makes of it, then runs `finish` on
+    the new layers (e.g. placing deltas after calibration) and records the config and the parameters' former
+    requires_grad (merge restores them). On any error everything is put back: the model is as it was."""
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    wrapped: Dict[str, DeltaLinear] = {}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, build in builders.items():
+            wrapped[name] = build(model.get_submodule(name))
+            set_submodule(model, name, wrapped[name])
+        if finish is not None:
+            finish(wrapped)
+    except BaseException:
+        for name, module in wrapped.items():
+            set_submodule(model, name, module.unwrap(with_delta=False))
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad[name])
+        raise
+    model._ftcore_state = {"config": config, "requires_grad": requires_grad}
+    return model

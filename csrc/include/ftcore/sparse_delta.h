@@ -48,8 +48,8 @@ struct ProductArgs {
 ProductArgs check_product_args(const at::Tensor& input, const at::Tensor& indices, const at::Tensor& values,
                                int64_t other_features, bool transpose);
 
-// The result of a product: the input's leading dims, then `features`.
-std::vector<int64_t> product_shape(const at::Tensor& input, int64_t features);
+// A (..., features) tensor's leading dims, then `features`: the shape of a result over the same tokens.
+std::vector<int64_t> with_last_dim(const at::Tensor& input, int64_t features);
 
 // Weight-side ops (scatter / gather) take the logical out×in weight as a 2-D tensor of any strides
 // (a GPT-2 Conv1D weight is passed as weight.t()).

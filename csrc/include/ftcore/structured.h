@@ -16,6 +16,11 @@ namespace ftcore {
 void check_block_index(const at::Tensor& index, const at::Tensor& like, int64_t limit, const char* op,
                        const char* name = "index");
 
+// gather_columns: floating input (..., in), columns a block index of [0, in).
+void check_gather_columns_args(const at::Tensor& input, const at::Tensor& columns);
+// scatter_columns: floating values (..., k), columns a block index of k entries in [0, features).
+void check_scatter_columns_args(const at::Tensor& values, const at::Tensor& columns, int64_t features);
+
 // weight is the 2-D logical (out, in) weight; block's shape follows from the mode and the index.
 void check_block_args(const at::Tensor& weight, const at::Tensor& index, bool rows, const char* op);
 
