@@ -140,3 +140,32 @@ def test_torch_compile_trains_like_eager(merged):
             losses[name].append(loss.item())
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)
     assert losses["eager"][-1] < losses["eager"][0]
+
+
+def test_minilm_real_weights_structured(minilm, tmp_path):
+    """S²FT on the real all-MiniLM-L6-v2: heads and channels of a pretrained BERT train, and round-trip."""
+    from transformers import AutoModel
+
+    path, tokenizer = minilm
+    left = tokenizer([a for a, _ in PAIRS], padding=True, return_tensors="pt")
+    right = tokenizer([b for _, b in PAIRS], padding=True, return_tensors="pt")
+    right = {k: v[torch.tensor([1, 2, 3, 4, 5, 6, 7, 0])] for k, v in right.items()}
+    with torch.no_grad():
+        base_embedding = embed(AutoModel.from_pretrained(path).eval(), left)
+    config = ftcore.StructuredSparseConfig(head_ratio=0.25, channel_ratio=0.05, targets=("o_proj", "v_proj", "down_proj"))
+    model = ftcore.apply(AutoModel.from_pretrained(path).eval(), config)
+    assert any(isinstance(m, ftcore.StructuredSparseLinear) and m.rows for m in model.modules())  # value rows too
+    with torch.no_grad():
+        assert torch.equal(embed(model, left), base_embedding)
+    opt = torch.optim.AdamW(ftcore.trainable_parameters(model), lr=5e-3)
+    losses = []
+    for _ in range(12):
+        loss = contrastive_loss(model, left, right)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    ftcore.save_adapter(model, str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(embed(ftcore.load_adapter(AutoModel.from_pretrained(path).eval(), str(tmp_path)), left), embed(model, left))
