@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import ftcore
+from ftcore.nn.base import is_conv1d
 
 # The tests build models from configs and never reach a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,6 +42,20 @@ def tolerances(dtype: torch.dtype):
 def assert_close(actual, expected, dtype, scale=1.0):
     rtol, atol = tolerances(dtype)
     torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol * scale)
+
+
+def compare_with_dense(module, dense, x):
+    """Runs an ftcore module and the dense layer holding the same weights on x; asserts equal outputs and input
+    gradients; returns the dense layer's weight gradient in the logical (out, in) layout."""
+    x = x.detach().clone().requires_grad_()
+    x_dense = x.detach().clone().requires_grad_()
+    y, y_dense = module(x), dense(x_dense)
+    torch.testing.assert_close(y, y_dense, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_dense.backward(g)
+    torch.testing.assert_close(x.grad, x_dense.grad, rtol=1e-5, atol=1e-5)
+    return dense.weight.grad.t() if is_conv1d(dense) else dense.weight.grad
 
 
 def random_indices(numel, k, *, dtype=torch.int64, device="cpu", duplicates=False, seed=0):

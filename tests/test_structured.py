@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import compare_with_dense
 from models import batch, tiny_gpt2, tiny_llama
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -53,14 +54,7 @@ def test_module_matches_dense_finetuning_of_the_block(device, kind, rows, merged
             w[index] += module.block
         else:
             w[:, index] += module.block
-    x_dense = x.detach().clone().requires_grad_()
-    y, y_dense = module(x), dense(x_dense)
-    torch.testing.assert_close(y, y_dense, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(y)
-    y.backward(g)
-    y_dense.backward(g)
-    torch.testing.assert_close(x.grad, x_dense.grad, rtol=1e-5, atol=1e-5)
-    w_grad = dense.weight.grad.t() if kind == "conv1d" else dense.weight.grad
+    w_grad = compare_with_dense(module, dense, x)
     expected = w_grad[index] if rows else w_grad[:, index]
     torch.testing.assert_close(module.block.grad, expected, rtol=1e-5, atol=1e-5)
 
