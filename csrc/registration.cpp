@@ -55,6 +55,37 @@ TORCH_LIBRARY(ftcore, m) {
   m.def(
       "multi_adapter_linear(Tensor input, Tensor weight, Tensor? bias, Tensor adapter_ids, Tensor index, "
       "Tensor offsets, Tensor blocks, bool rows) -> Tensor");
+
+  // Rotations and quantizers (contract, formulas and the int4 layout in include/ftcore/quant.h).
+  // y = scale · H · diag(signs) · x along the last dim (transpose: scale · diag(signs) · Hᵀ · x), H = H_K ⊗ H_P.
+  m.def("hadamard_transform(Tensor input, Tensor? hadamard_k, Tensor? signs, float scale, bool transpose) -> Tensor");
+  // (x̂, scale, zero_point): fake quantization by groups of the last dim (group_size -1 whole tensor, 0 per row);
+  // a given scale (learnable, symmetric) is used as is.
+  m.def(
+      "fake_quantize(Tensor input, Tensor? scale, int bits, bool symmetric, int group_size, float clip_ratio) -> "
+      "(Tensor, Tensor, Tensor)");
+  // (d input, d scale): the straight-through gradient, and the LSQ scale gradient when scale_grad (else empty).
+  m.def(
+      "fake_quantize_backward(Tensor grad, Tensor input, Tensor scale, Tensor zero_point, int bits, bool symmetric, "
+      "int group_size, bool scale_grad) -> (Tensor, Tensor)");
+  // fake_quantize(hadamard_transform(x)) per token or group in one pass; the rotated tensor is never stored.
+  m.def(
+      "rotate_fake_quantize(Tensor input, Tensor? hadamard_k, Tensor? signs, float scale, int bits, bool symmetric, "
+      "int group_size, float clip_ratio) -> (Tensor, Tensor, Tensor)");
+  // Its input gradient: the transposed rotation of the masked gradient, the mask from re-rotating the input.
+  m.def(
+      "rotate_fake_quantize_backward(Tensor grad, Tensor input, Tensor? hadamard_k, Tensor? signs, float scale, "
+      "Tensor qscale, Tensor zero_point, int bits, bool symmetric, int group_size) -> Tensor");
+  // (packed, scale, zero_point) of a 2-D weight at 4 bits, rounding exactly as fake_quantize does.
+  m.def("quantize_int4(Tensor weight, int group_size, bool symmetric, float clip_ratio) -> (Tensor, Tensor, Tensor)");
+  m.def("pack_int4(Tensor codes) -> Tensor");
+  m.def("unpack_int4(Tensor packed) -> Tensor");
+  m.def(
+      "dequantize_int4(Tensor packed, Tensor scale, Tensor zero_point, int group_size, ScalarType dtype) -> Tensor");
+  // input · dequant(W)ᵀ + bias, the weight dequantized a block at a time (never whole).
+  m.def(
+      "int4_linear(Tensor input, Tensor packed, Tensor scale, Tensor zero_point, int group_size, Tensor? bias) -> "
+      "Tensor");
 }
 
 namespace {

@@ -13,7 +13,8 @@ from ._version import __version__
 from ._loader import check_registrations, cuda_kernels_available  # loads ftcore._C; fails loudly
 
 from . import _autograd, _fake  # noqa: F401  (registrations)
-from . import ops, reference
+from . import hadamard, ops, reference
+from .ops import fake_quantize, hadamard_transform, rotate_fake_quantize
 from .api import (
     apply,
     compose,
@@ -55,6 +56,10 @@ __all__ = [
     "BackpropPlan",
     "SparseDeltaScheduler",
     "SparseDeltaCallback",
+    "hadamard_transform",
+    "fake_quantize",
+    "rotate_fake_quantize",
+    "hadamard",
     "cuda_kernels_available",
     "check_registrations",
     "ops",

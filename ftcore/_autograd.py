@@ -1,6 +1,7 @@
 """Autograd formulas of the differentiable ops. The three sparse-delta products are closed under
-differentiation (each one's gradients are the other two), as are gather_columns / scatter_columns, so double
-backward works too. The sparse-delta setups save only what the gradients that will be asked for need.
+differentiation (each one's gradients are the other two), as are gather_columns / scatter_columns and the
+Hadamard transform (its gradient is its transpose), so double backward works too. The quantizers' gradients are
+straight-through estimators computed by their *_backward ops (first order only). The sparse-delta setups save only what the gradients that will be asked for need.
 multi_adapter_linear (serving) and the in-place scatters have none."""
 
 import torch
@@ -137,6 +138,56 @@ def _block_gather_backward(ctx, d_block):
     return d_weight, None, None
 
 
+# y = hadamard_transform(x, transpose=t):  dx = hadamard_transform(dy, transpose=not t)  (closed: any order)
+def _hadamard_setup(ctx, inputs, output):
+    _, hadamard_k, signs, scale, transpose = inputs
+    ctx.save_for_backward(hadamard_k, signs)
+    ctx.scale, ctx.transpose = scale, transpose
+
+
+def _hadamard_backward(ctx, dy):
+    hadamard_k, signs = ctx.saved_tensors
+    return ops.hadamard_transform(dy, hadamard_k, signs, ctx.scale, not ctx.transpose), None, None, None, None
+
+
+# (x̂, scale, zero) = fake_quantize(x, scale?):  straight-through dx, LSQ dscale for a given scale
+def _fake_quantize_setup(ctx, inputs, output):
+    input, scale, bits, symmetric, group_size, _ = inputs
+    _, qscale, zero = output
+    ctx.mark_non_differentiable(qscale, zero)
+    ctx.save_for_backward(input, qscale, zero)
+    ctx.args = (bits, symmetric, group_size)
+
+
+def _fake_quantize_backward(ctx, dy, _d_scale, _d_zero):
+    input, qscale, zero = ctx.saved_tensors
+    want_scale = ctx.needs_input_grad[1]
+    d_input, d_scale = ops.fake_quantize_backward(dy, input, qscale, zero, *ctx.args, want_scale)
+    return d_input, (d_scale if want_scale else None), None, None, None, None
+
+
+# (x̂, qscale, zero) = rotate_fake_quantize(x):  dx = transposed rotation of the masked dx̂ (input re-rotated)
+def _rotate_fake_quantize_setup(ctx, inputs, output):
+    input, hadamard_k, signs, scale, bits, symmetric, group_size, _ = inputs
+    _, qscale, zero = output
+    ctx.mark_non_differentiable(qscale, zero)
+    ctx.save_for_backward(input, hadamard_k, signs, qscale, zero)
+    ctx.scale, ctx.args = scale, (bits, symmetric, group_size)
+
+
+def _rotate_fake_quantize_backward(ctx, dy, _d_scale, _d_zero):
+    input, hadamard_k, signs, qscale, zero = ctx.saved_tensors
+    d_input = ops.rotate_fake_quantize_backward(dy, input, hadamard_k, signs, ctx.scale, qscale, zero, *ctx.args)
+    return d_input, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("ftcore::hadamard_transform", _hadamard_backward, setup_context=_hadamard_setup)
+torch.library.register_autograd(
+    "ftcore::fake_quantize", _fake_quantize_backward, setup_context=_fake_quantize_setup
+)
+torch.library.register_autograd(
+    "ftcore::rotate_fake_quantize", _rotate_fake_quantize_backward, setup_context=_rotate_fake_quantize_setup
+)
 torch.library.register_autograd("ftcore::sparse_delta_grad", _grad_backward, setup_context=_grad_setup)
 torch.library.register_autograd("ftcore::sparse_delta_linear", _linear_backward, setup_context=_linear_setup)
 torch.library.register_autograd(

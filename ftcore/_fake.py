@@ -68,3 +68,69 @@ def _structured_block_gather(weight, index, rows):
 @torch.library.register_fake("ftcore::multi_adapter_linear")
 def _multi_adapter_linear(input, weight, bias, adapter_ids, index, offsets, blocks, rows):
     return input.new_empty((*input.shape[:-1], weight.shape[0]))
+
+
+def _scale_shape(x, group_size):
+    n = x.shape[-1]
+    if group_size == -1:
+        return (1, 1)
+    return (x.numel() // n if n else 0, n // group_size if group_size > 0 else 1)
+
+
+@torch.library.register_fake("ftcore::hadamard_transform")
+def _hadamard_transform(input, hadamard_k, signs, scale, transpose):
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("ftcore::fake_quantize")
+def _fake_quantize(input, scale, bits, symmetric, group_size, clip_ratio):
+    shape = _scale_shape(input, group_size)
+    out = torch.empty_like(input, memory_format=torch.contiguous_format)
+    return out, input.new_empty(shape, dtype=torch.float32), input.new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("ftcore::fake_quantize_backward")
+def _fake_quantize_backward(grad, input, scale, zero_point, bits, symmetric, group_size, scale_grad):
+    d_scale = input.new_empty(_scale_shape(input, group_size) if scale_grad else (0,), dtype=torch.float32)
+    return torch.empty_like(input, memory_format=torch.contiguous_format), d_scale
+
+
+@torch.library.register_fake("ftcore::rotate_fake_quantize")
+def _rotate_fake_quantize(input, hadamard_k, signs, scale, bits, symmetric, group_size, clip_ratio):
+    return _fake_quantize(input, None, bits, symmetric, group_size, clip_ratio)
+
+
+@torch.library.register_fake("ftcore::rotate_fake_quantize_backward")
+def _rotate_fake_quantize_backward(grad, input, hadamard_k, signs, scale, qscale, zero_point, bits, symmetric, group_size):
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("ftcore::quantize_int4")
+def _quantize_int4(weight, group_size, symmetric, clip_ratio):
+    out, n = weight.shape
+    groups = n // group_size if group_size > 0 else 1
+    return (
+        weight.new_empty((out, n // 2), dtype=torch.uint8),
+        weight.new_empty((out, groups), dtype=torch.float32),
+        weight.new_empty((out, groups), dtype=torch.uint8),
+    )
+
+
+@torch.library.register_fake("ftcore::pack_int4")
+def _pack_int4(codes):
+    return codes.new_empty((*codes.shape[:-1], codes.shape[-1] // 2))
+
+
+@torch.library.register_fake("ftcore::unpack_int4")
+def _unpack_int4(packed):
+    return packed.new_empty((*packed.shape[:-1], packed.shape[-1] * 2))
+
+
+@torch.library.register_fake("ftcore::dequantize_int4")
+def _dequantize_int4(packed, scale, zero_point, group_size, dtype):
+    return packed.new_empty((packed.shape[0], packed.shape[1] * 2), dtype=dtype)
+
+
+@torch.library.register_fake("ftcore::int4_linear")
+def _int4_linear(input, packed, scale, zero_point, group_size, bias):
+    return input.new_empty((*input.shape[:-1], packed.shape[0]))

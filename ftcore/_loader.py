@@ -29,6 +29,16 @@ OPS = (
     "structured_block_scatter_",
     "structured_block_gather",
     "multi_adapter_linear",
+    "hadamard_transform",
+    "fake_quantize",
+    "fake_quantize_backward",
+    "rotate_fake_quantize",
+    "rotate_fake_quantize_backward",
+    "quantize_int4",
+    "pack_int4",
+    "unpack_int4",
+    "dequantize_int4",
+    "int4_linear",
 )
 
 

@@ -9,6 +9,7 @@ would cost a host synchronisation per call), so these wrappers check CUDA indice
 modules, which validate their indices when they are set, call the ops directly.
 """
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -16,7 +17,8 @@ from torch import Tensor
 
 from ._loader import OPS
 
-__all__ = [*OPS, "check_delta_indices"]
+# The *_backward ops serve the autograd formulas (ftcore/_autograd.py); they have no wrapper here.
+__all__ = [*(op for op in OPS if not op.endswith("_backward")), "check_delta_indices"]
 
 
 def check_delta_indices(indices: Tensor, numel: int, *, name: str = "indices", strict: bool = False) -> None:
@@ -203,3 +205,180 @@ def multi_adapter_linear(
     slice of `blocks`, stacked along dim 1 (columns: out × Σk) or dim 0 (rows: Σk × in).
     """
     return torch.ops.ftcore.multi_adapter_linear.default(input, weight, bias, adapter_ids, index, offsets, blocks, rows)
+
+
+# ---- rotations and quantizers ----------------------------------------------------------------------------------
+#
+# Contract and formulas: csrc/include/ftcore/quant.h. The Hadamard matrix of size n = K·2^m is H_K ⊗ H_{2^m};
+# ftcore.hadamard picks K and builds H_K. Quantization groups run along the last dim: group_size -1 is the
+# whole tensor, 0 one group per row (an activation's token, a weight's output channel), g > 0 groups of g.
+
+_GRANULARITY = {"tensor": -1, "token": 0, "channel": 0}
+
+
+def _group_size(granularity: str, group_size: Optional[int]) -> int:
+    if granularity == "group":
+        if not isinstance(group_size, int) or group_size <= 0:
+            raise ValueError(f"granularity='group' needs a positive group_size, got {group_size!r}")
+        return group_size
+    if granularity not in _GRANULARITY:
+        raise ValueError(
+            f"granularity must be 'tensor', 'channel', 'token' or 'group', got {granularity!r} ('channel' and "
+            "'token' both mean one scale per row of the last dim: a weight's output channel, an activation's token)"
+        )
+    if group_size is not None:
+        raise ValueError(f"group_size is only used with granularity='group' (got granularity={granularity!r})")
+    return _GRANULARITY[granularity]
+
+
+def _check_bits(bits) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an integer in [2, 8], got {bits!r}")
+    return bits
+
+
+def _rotation_args(x: Tensor, signs: Optional[Tensor]):
+    from .hadamard import hadamard_factors, hadamard_k_on
+
+    if not isinstance(x, Tensor):
+        raise TypeError(f"input must be a tensor, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise ValueError("input must have at least 1 dim (the transform runs along the last)")
+    n = x.shape[-1]
+    k, _ = hadamard_factors(n)
+    if signs is not None:
+        if not isinstance(signs, Tensor) or signs.shape != (n,):
+            raise ValueError(f"signs must be a tensor of shape ({n},), got {getattr(signs, 'shape', signs)}")
+        signs = signs.to(x.device)
+    return n, hadamard_k_on(k, x.device), signs
+
+
+def hadamard_transform(
+    x: Tensor,
+    scale: Optional[float] = None,
+    *,
+    signs: Optional[Tensor] = None,
+    transpose: bool = False,
+    block_size: Optional[int] = None,
+) -> Tensor:
+    """``scale · H · diag(signs) · x`` along the last dim, H the n×n Hadamard matrix of n = K·2^m (any leading
+    shape, any strides; float32/float64/bfloat16/float16, accumulated in float32 or float64). scale defaults to
+    1/√n, which makes the transform orthonormal; ``transpose=True`` applies its transpose
+    ``scale · diag(signs) · Hᵀ``, the inverse at the default scale. Differentiable (the gradient is the
+    transposed transform), in one pass over memory.
+
+    A size with no known Hadamard matrix raises ValueError, unless ``block_size`` asks for the block-diagonal
+    rotation: each run of block_size elements (a supported size dividing n) is transformed on its own, with scale
+    defaulting to 1/√block_size.
+    """
+    if block_size is not None:
+        n = x.shape[-1]
+        if not isinstance(block_size, int) or block_size < 1 or n % block_size:
+            raise ValueError(f"block_size must be a positive divisor of the last dim ({n}), got {block_size!r}")
+        if signs is not None and not transpose:
+            x = x * signs.to(x)
+        y = hadamard_transform(x.unflatten(-1, (n // block_size, block_size)), scale, transpose=transpose)
+        y = y.flatten(-2)
+        return y * signs.to(y) if signs is not None and transpose else y
+    n, hadamard_k, signs = _rotation_args(x, signs)
+    scale = 1.0 / math.sqrt(n) if scale is None else float(scale)
+    return torch.ops.ftcore.hadamard_transform.default(x, hadamard_k, signs, scale, bool(transpose))
+
+
+def fake_quantize(
+    x: Tensor,
+    bits: int,
+    symmetric: bool = True,
+    granularity: str = "token",
+    group_size: Optional[int] = None,
+    clip_ratio: float = 1.0,
+    *,
+    scale: Optional[Tensor] = None,
+    return_params: bool = False,
+):
+    """Quantize-dequantize ``x`` to `bits` (2–8) with a straight-through gradient: inside the clip range the
+    gradient passes unchanged, outside it is zero.
+
+    granularity: 'tensor' (one scale), 'token' / 'channel' (one per row of the last dim), 'group' (runs of
+    group_size along the last dim). Scales are ``clip_ratio · max|x| / (2^(bits-1) − 1)`` (symmetric) or span
+    ``[clip·min(x, 0), clip·max(x, 0)]`` with an integer zero point (asymmetric).
+
+    scale: a learnable float32 scale of shape (rows, groups) ((1, 1) for 'tensor'), symmetric only; its gradient
+    is LSQ's (Esser et al.): Σ dx̂ · (q − x/scale) inside the range, Σ dx̂ · q outside, without LSQ's gradient
+    scale factor (apply it to the parameter, as RotatedQuantLinear does).
+
+    Returns x̂ (x's dtype and shape), or (x̂, scale, zero_point) with return_params.
+    """
+    gs = _group_size(granularity, group_size)
+    out, qscale, zero = torch.ops.ftcore.fake_quantize.default(
+        x, scale, _check_bits(bits), bool(symmetric), gs, float(clip_ratio)
+    )
+    return (out, qscale, zero) if return_params else out
+
+
+def rotate_fake_quantize(
+    x: Tensor,
+    bits: int,
+    symmetric: bool = True,
+    granularity: str = "token",
+    group_size: Optional[int] = None,
+    clip_ratio: float = 1.0,
+    *,
+    signs: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    return_params: bool = False,
+):
+    """``fake_quantize(hadamard_transform(x, scale, signs=signs), ...)`` per token or group in one pass: the
+    rotated tensor is never written, and backward re-rotates the saved input instead of keeping it. The online
+    activation rotation of a down_proj-like layer."""
+    gs = _group_size(granularity, group_size)
+    if gs < 0:
+        raise ValueError("rotate_fake_quantize quantizes per token or per group, not per tensor")
+    n, hadamard_k, signs = _rotation_args(x, signs)
+    scale = 1.0 / math.sqrt(n) if scale is None else float(scale)
+    out, qscale, zero = torch.ops.ftcore.rotate_fake_quantize.default(
+        x, hadamard_k, signs, scale, _check_bits(bits), bool(symmetric), gs, float(clip_ratio)
+    )
+    return (out, qscale, zero) if return_params else out
+
+
+def quantize_int4(
+    weight: Tensor, group_size: Optional[int] = None, symmetric: bool = True, clip_ratio: float = 1.0
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(packed, scale, zero_point) of a 2-D (out, in) weight at 4 bits: packed uint8 (out, in/2), two codes a
+    byte (layout in csrc/include/ftcore/quant.h), float32 scale and uint8 zero point per output channel
+    (group_size None) or per group of group_size columns. Rounds exactly as
+    ``fake_quantize(weight, 4, symmetric, ...)``, so ``dequantize_int4`` reproduces it."""
+    return torch.ops.ftcore.quantize_int4.default(weight, group_size or 0, bool(symmetric), float(clip_ratio))
+
+
+def pack_int4(codes: Tensor) -> Tensor:
+    """uint8 codes in [0, 15] (..., 2c) -> packed uint8 (..., c): code 2j in the low nibble of byte j."""
+    if isinstance(codes, Tensor) and codes.is_cuda and codes.numel() and int(codes.max()) > 15:
+        raise ValueError(f"pack_int4: codes must be in [0, 15], found {int(codes.max())}")
+    return torch.ops.ftcore.pack_int4.default(codes)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """The inverse of :func:`pack_int4`, bit for bit."""
+    return torch.ops.ftcore.unpack_int4.default(packed)
+
+
+def dequantize_int4(
+    packed: Tensor, scale: Tensor, zero_point: Tensor, group_size: Optional[int] = None, dtype=torch.float32
+) -> Tensor:
+    """The (out, in) weight an int4 triple stands for, ``(code − zero_point) · scale``, in `dtype`."""
+    return torch.ops.ftcore.dequantize_int4.default(packed, scale, zero_point, group_size or 0, dtype)
+
+
+def int4_linear(
+    input: Tensor,
+    packed: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    group_size: Optional[int] = None,
+    bias: Optional[Tensor] = None,
+) -> Tensor:
+    """``input · dequantize_int4(...)ᵀ + bias`` with the weight dequantized a block of rows at a time (about a
+    million weights), never whole; the GEMM runs in input's dtype. Forward only (inference of an exported layer)."""
+    return torch.ops.ftcore.int4_linear.default(input, packed, scale, zero_point, group_size or 0, bias)

@@ -134,3 +134,150 @@ def multi_adapter_linear(input, weight, bias, adapter_ids, index, offsets, block
             structured_block_scatter_(w, index[lo:hi], block, 1.0, None, rows)
         out.append(torch.nn.functional.linear(input[b : b + 1], w, bias))
     return torch.cat(out)
+
+
+# ---- rotations and quantizers (formulas in csrc/include/ftcore/quant.h) -----------------------------------------
+
+
+def sylvester(p: int, dtype=torch.float64) -> Tensor:
+    """The p×p Sylvester Hadamard matrix (p a power of two), entry (i, j) = (−1)^popcount(i & j)."""
+    i = torch.arange(p)
+    bits = torch.bitwise_and(i[:, None], i[None, :])
+    parity = torch.zeros_like(bits)
+    while bool(bits.any()):
+        parity ^= bits & 1
+        bits = bits >> 1
+    return (1 - 2 * parity).to(dtype)
+
+
+def hadamard_dense(hadamard_k: Optional[Tensor], n: int, dtype=torch.float64) -> Tensor:
+    """The n×n matrix H = H_K ⊗ H_P the transform applies."""
+    k = 1 if hadamard_k is None else hadamard_k.shape[0]
+    hk = torch.ones(1, 1, dtype=dtype) if hadamard_k is None else hadamard_k.cpu().to(dtype)
+    return torch.kron(hk, sylvester(n // k, dtype))
+
+
+def hadamard_transform(
+    x: Tensor, hadamard_k: Optional[Tensor], signs: Optional[Tensor], scale: float, transpose: bool
+) -> Tensor:
+    """The pure-PyTorch butterfly: log2(P) stages over the whole tensor, then the K×K mix as a matmul, in the
+    accumulation dtype. The baseline the Hadamard benchmark measures against."""
+    n = x.shape[-1]
+    k = 1 if hadamard_k is None else hadamard_k.shape[0]
+    p = n // k
+    v = x.to(_acc(x.dtype))
+    if signs is not None and not transpose:
+        v = v * signs.to(v)
+    lead = v.shape[:-1]
+    v = v.reshape(-1, k, p)
+    h = 1
+    while h < p:
+        pairs = v.view(-1, k, p // (2 * h), 2, h)
+        a, b = pairs[..., 0, :], pairs[..., 1, :]
+        v = torch.stack((a + b, a - b), dim=-2).view(-1, k, p)
+        h *= 2
+    if hadamard_k is not None:
+        hk = hadamard_k.to(v)
+        v = torch.matmul(hk.t() if transpose else hk, v)
+    v = v.reshape(*lead, n) * scale
+    if signs is not None and transpose:
+        v = v * signs.to(v)
+    return v.to(x.dtype)
+
+
+def _grouped(x: Tensor, group_size: int) -> Tensor:
+    """x as (rows, groups, group_len); the whole tensor as (1, 1, numel) for group_size −1."""
+    n = x.shape[-1]
+    if group_size == -1:
+        return x.reshape(1, 1, -1)
+    g = n if group_size == 0 else group_size
+    return x.reshape(-1, n // g, g)
+
+
+def quant_params(x: Tensor, bits: int, symmetric: bool, group_size: int, clip_ratio: float) -> Tuple[Tensor, Tensor]:
+    """float32 (scale, zero_point) of shape (rows, groups) ((1, 1) for the whole tensor)."""
+    v = _grouped(x, group_size).float()
+    clip = torch.tensor(clip_ratio, dtype=torch.float32)
+    if symmetric:
+        qmax = 2.0 ** (bits - 1) - 1
+        scale = clip * v.abs().amax(-1) / qmax
+        zero = torch.zeros_like(scale)
+    else:
+        qmax = 2.0**bits - 1
+        lo = clip * v.amin(-1).clamp(max=0)
+        hi = clip * v.amax(-1).clamp(min=0)
+        scale = (hi - lo) / qmax
+        zero = torch.where(scale > 0, torch.round(-lo / scale).clamp(0, qmax), torch.zeros_like(scale))
+    scale = torch.where((scale > 0) & (scale < float("inf")), scale, torch.ones_like(scale))
+    return scale, zero
+
+
+def _range(bits: int, symmetric: bool) -> Tuple[float, float]:
+    return (-(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1) if symmetric else (0.0, 2.0**bits - 1)
+
+
+def _levels(x: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Tensor:
+    v = _grouped(x, group_size).to(_acc(x.dtype))
+    return torch.round(v / scale[..., None].to(v)) + zero[..., None].to(v)
+
+
+def fake_quantize(
+    x: Tensor, scale: Optional[Tensor], bits: int, symmetric: bool, group_size: int, clip_ratio: float
+) -> Tuple[Tensor, Tensor, Tensor]:
+    if scale is None:
+        scale, zero = quant_params(x, bits, symmetric, group_size, clip_ratio)
+    else:
+        zero = torch.zeros_like(scale)
+    qmin, qmax = _range(bits, symmetric)
+    level = _levels(x, scale, zero, group_size)
+    out = (level.clamp(qmin, qmax) - zero[..., None].to(level)) * scale[..., None].to(level)
+    return out.reshape(x.shape).to(x.dtype), scale.clone(), zero
+
+
+def fake_quantize_backward(
+    grad: Tensor, x: Tensor, scale: Tensor, zero: Tensor, bits: int, symmetric: bool, group_size: int, scale_grad: bool
+) -> Tuple[Tensor, Tensor]:
+    qmin, qmax = _range(bits, symmetric)
+    level = _levels(x, scale, zero, group_size).double()
+    inside = (level >= qmin) & (level <= qmax)
+    g = _grouped(grad, group_size)
+    d_input = torch.where(inside, g, torch.zeros_like(g)).reshape(x.shape)
+    if not scale_grad:
+        return d_input, grad.new_empty(0, dtype=torch.float32)
+    v = _grouped(x, group_size).double()
+    z = zero[..., None].double()
+    dq_ds = torch.where(inside, (level - z) - v / scale[..., None].double(), level.clamp(qmin, qmax) - z)
+    return d_input, (g.double() * dq_ds).sum(-1).float()
+
+
+def rotate_fake_quantize(x, hadamard_k, signs, scale, bits, symmetric, group_size, clip_ratio):
+    """The unfused pair: rotate, then fake-quantize the rotated tensor."""
+    rotated = hadamard_transform(x, hadamard_k, signs, scale, False)
+    return fake_quantize(rotated, None, bits, symmetric, group_size, clip_ratio)
+
+
+def pack_int4(codes: Tensor) -> Tensor:
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+
+
+def quantize_int4(weight: Tensor, group_size: int, symmetric: bool, clip_ratio: float) -> Tuple[Tensor, Tensor, Tensor]:
+    scale, zero = quant_params(weight, 4, symmetric, group_size, clip_ratio)
+    qmin, qmax = _range(4, symmetric)
+    offset = 8.0 if symmetric else 0.0
+    codes = (_levels(weight, scale, zero, group_size).clamp(qmin, qmax) + offset).reshape(weight.shape)
+    return pack_int4(codes.to(torch.uint8)), scale, (zero + offset).to(torch.uint8)
+
+
+def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, dtype) -> Tensor:
+    codes = unpack_int4(packed).float()
+    out = (_grouped(codes, group_size) - zero[..., None].float()) * scale[..., None]
+    return out.reshape(codes.shape).to(dtype)
+
+
+def int4_linear(input, packed, scale, zero, group_size, bias=None) -> Tensor:
+    weight = dequantize_int4(packed, scale, zero, group_size, input.dtype)
+    return torch.nn.functional.linear(input, weight, bias)

@@ -69,6 +69,8 @@ const Kernels& kernels() { return *active().load(std::memory_order_relaxed); }
 
 }  // namespace
 
+const Kernels& cpu::active_kernels() { return kernels(); }
+
 std::string cpu_isa() { return kernels().name; }
 
 std::vector<std::string> available_cpu_isas() {

@@ -46,6 +46,13 @@ struct Kernels {
   // dst_panel[g] = sum over positions p of group g of values[p] * operand_panel[operand[p]], g in [g0, g1).
   void (*group_sums)(Elem acc, const void* operand_panel, int64_t width, const EntryGroups& entries, int64_t g0,
                      int64_t g1, void* dst_panel);
+
+  // Rotations (contract in include/ftcore/quant.h), on rows held in the accumulation type.
+  // In place: the Sylvester (fast Walsh–Hadamard) transform of each of `count` consecutive segments of length
+  // p, a power of two.
+  void (*fwht)(Elem acc, void* buf, int64_t p, int64_t count);
+  // out (k × p) = h · in (k × p), or hᵀ · in when `transpose`; h is k × k row-major float (±1).
+  void (*hadamard_mix)(Elem acc, const float* h, int64_t k, bool transpose, const void* in, int64_t p, void* out);
 };
 
 // Panel widths (tokens per chunk) the inner loops are compiled for: compile-time widths let the compiler keep
@@ -58,6 +65,9 @@ constexpr int64_t kPanelWidths[] = {32, 64, 128, 256};
 #else
 #define FTCORE_CPU_MULTI_ISA 0
 #endif
+
+// The build in use (see cpu_isa.h).
+const Kernels& active_kernels();
 
 const Kernels& kernels_generic();
 #if FTCORE_CPU_MULTI_ISA

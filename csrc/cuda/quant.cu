@@ -1,0 +1,585 @@
+// CUDA kernels of the rotation and quantization ops (contract in include/ftcore/quant.h).
+//
+// Row kernels: one block per row. The row is read once (coalesced along the last dim) into shared memory in the
+// accumulation type, transformed there — the butterflies of H_P stage by stage, then the K×K mix into a second
+// buffer — and written once, either as is (hadamard_transform) or fake-quantized group by group with block-wide
+// reductions (rotate_fake_quantize, fake_quantize). The fused backward re-rotates the input in shared memory
+// for the straight-through mask, masks the incoming gradient into the buffer the mix left free, and applies the
+// transposed rotation: it reads x and dy once and writes dx once.
+//
+// Shared memory holds n (K = 1) or 2n (K > 1) accumulation values a row; sizes beyond the device's per-block
+// limit (float32 K > 1 past n ≈ 29000, float64 past half that) are refused with a clear error.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "ftcore/checks.h"
+#include "ftcore/dispatch.h"
+#include "ftcore/quant.h"
+#include "ftcore/sparse_delta.h"
+
+namespace ftcore {
+namespace {
+
+// Threads a row gets: about 8 elements each, 32 to 512.
+int threads_for(int64_t n) {
+  int t = 32;
+  while (t < 512 && int64_t(t) * 8 < n) t *= 2;
+  return t;
+}
+
+template <typename acc_t>
+struct RotationArgs {
+  int64_t n, k, p;
+  const float* h;       // K×K, row-major, or null for K = 1
+  const acc_t* signs;   // n, or null
+  acc_t scale;
+};
+
+// Reduces v over the block (blockDim.x a multiple of 32); every thread gets the result. `scratch` holds 32.
+template <typename T, typename Op>
+__device__ T block_reduce(T v, Op op, T* scratch) {
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  __syncthreads();  // the previous reduction's readers are done with scratch
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = scratch[0];
+  for (int w = 1; w < warps; ++w) v = op(v, scratch[w]);
+  return v;
+}
+
+struct MinOp {
+  __device__ float operator()(float a, float b) const { return fminf(a, b); }
+};
+struct MaxOp {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct SumOp {
+  __device__ double operator()(double a, double b) const { return a + b; }
+};
+
+// Rotates the row in buf (shared) in place or into tmp (shared, K > 1); returns where the result is.
+// Ends with a barrier: the result is visible to the whole block.
+template <typename acc_t>
+__device__ acc_t* rotate_row(acc_t* buf, acc_t* tmp, const RotationArgs<acc_t>& r, bool transpose) {
+  const int tid = threadIdx.x, nt = blockDim.x;
+  if (!transpose && r.signs) {
+    for (int64_t i = tid; i < r.n; i += nt) buf[i] *= r.signs[i];
+    __syncthreads();
+  }
+  // Stage h pairs i and i + h within blocks of 2h; blocks never straddle the K segments (2h ≤ P divides P).
+  for (int64_t h = 1; h < r.p; h <<= 1) {
+    for (int64_t t = tid; t < r.n / 2; t += nt) {
+      const int64_t i = (t / h) * 2 * h + (t % h);
+      const acc_t a = buf[i], b = buf[i + h];
+      buf[i] = a + b;
+      buf[i + h] = a - b;
+    }
+    __syncthreads();
+  }
+  acc_t* out = buf;
+  if (r.h) {
+    for (int64_t e = tid; e < r.n; e += nt) {
+      const int64_t a = e / r.p, b = e - a * r.p;
+      acc_t acc = 0;
+      for (int64_t c = 0; c < r.k; ++c)
+        acc += static_cast<acc_t>(__ldg(r.h + (transpose ? c * r.k + a : a * r.k + c))) * buf[c * r.p + b];
+      tmp[e] = acc;
+    }
+    out = tmp;
+    __syncthreads();
+  }
+  for (int64_t i = tid; i < r.n; i += nt)
+    out[i] *= (transpose && r.signs) ? r.signs[i] * r.scale : r.scale;
+  __syncthreads();
+  return out;
+}
+
+// Fake-quantizes one row's groups from v (shared or global, stride 1 or `stride`) into out; computes each
+// group's parameters (block-wide reductions) unless `given` (then read at given_stride per group).
+template <typename V, typename scalar_t>
+__device__ void quantize_row(const V* v, int64_t stride, int64_t group_size, int64_t groups, QuantRange range,
+                             bool symmetric, float clip, bool given, int64_t given_stride, float* scale, float* zero,
+                             scalar_t* out, float* scratch) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t grp = 0; grp < groups; ++grp) {
+    const int64_t base = grp * group_size;
+    float s, z;
+    if (given) {
+      s = scale[grp * given_stride], z = zero[grp * given_stride];
+    } else {
+      float lo = INFINITY, hi = symmetric ? 0.f : -INFINITY;
+      for (int64_t i = threadIdx.x; i < group_size; i += blockDim.x) {
+        const float x = static_cast<float>(v[(base + i) * stride]);
+        if (symmetric) {
+          hi = fmaxf(hi, fabsf(x));
+        } else {
+          lo = fminf(lo, x), hi = fmaxf(hi, x);
+        }
+      }
+      hi = block_reduce(hi, MaxOp(), scratch);
+      if (!symmetric) lo = block_reduce(lo, MinOp(), scratch);
+      quant_params(lo, hi, range, symmetric, clip, s, z);
+      if (threadIdx.x == 0) scale[grp] = s, zero[grp] = z;
+    }
+    for (int64_t i = threadIdx.x; i < group_size; i += blockDim.x)
+      out[base + i] = static_cast<scalar_t>(fake_quant(static_cast<acc_t>(v[(base + i) * stride]), s, z, range));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ void load_row(const scalar_t* x, int64_t stride, int64_t n, acc_t* buf) {
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) buf[i] = static_cast<acc_t>(x[i * stride]);
+  __syncthreads();
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void hadamard_kernel(const scalar_t* __restrict__ x, int64_t rs, int64_t cs, RotationArgs<acc_t> r,
+                                bool transpose, scalar_t* __restrict__ y) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  acc_t* buf = reinterpret_cast<acc_t*>(smem);
+  const int64_t row = blockIdx.x;
+  load_row(x + row * rs, cs, r.n, buf);
+  const acc_t* out = rotate_row(buf, buf + r.n, r, transpose);
+  for (int64_t i = threadIdx.x; i < r.n; i += blockDim.x) y[row * r.n + i] = static_cast<scalar_t>(out[i]);
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void rotate_fake_quantize_kernel(const scalar_t* __restrict__ x, int64_t rs, int64_t cs,
+                                            RotationArgs<acc_t> r, int64_t group_size, QuantRange range,
+                                            bool symmetric, float clip, float* __restrict__ scale,
+                                            float* __restrict__ zero, scalar_t* __restrict__ y) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ float scratch[32];
+  acc_t* buf = reinterpret_cast<acc_t*>(smem);
+  const int64_t row = blockIdx.x, groups = r.n / group_size;
+  load_row(x + row * rs, cs, r.n, buf);
+  const acc_t* rotated = rotate_row(buf, buf + r.n, r, false);
+  quantize_row(rotated, 1, group_size, groups, range, symmetric, clip, false, 1, scale + row * groups,
+               zero + row * groups, y + row * r.n, scratch);
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void rotate_fake_quantize_backward_kernel(const scalar_t* __restrict__ dy, int64_t gr, int64_t gc,
+                                                     const scalar_t* __restrict__ x, int64_t xr, int64_t xc,
+                                                     RotationArgs<acc_t> r, int64_t group_size, QuantRange range,
+                                                     const float* __restrict__ scale, const float* __restrict__ zero,
+                                                     scalar_t* __restrict__ dx) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  acc_t* buf = reinterpret_cast<acc_t*>(smem);
+  acc_t* tmp = buf + r.n;
+  const int64_t row = blockIdx.x, groups = r.n / group_size;
+  load_row(x + row * xr, xc, r.n, buf);
+  const acc_t* rotated = rotate_row(buf, tmp, r, false);
+  // The masked gradient goes where the input was: buf itself for K = 1 (element by element, in place), or buf
+  // while the rotated input sits in tmp.
+  for (int64_t i = threadIdx.x; i < r.n; i += blockDim.x) {
+    const int64_t at = row * groups + i / group_size;
+    const bool inside = quant_inside(quant_level(rotated[i], scale[at], zero[at]), range);
+    buf[i] = inside ? static_cast<acc_t>(dy[row * gr + i * gc]) : acc_t(0);
+  }
+  __syncthreads();
+  const acc_t* out = rotate_row(buf, tmp, r, true);
+  for (int64_t i = threadIdx.x; i < r.n; i += blockDim.x) dx[row * r.n + i] = static_cast<scalar_t>(out[i]);
+}
+
+template <typename scalar_t>
+__global__ void fake_quantize_kernel(const scalar_t* __restrict__ x, int64_t rs, int64_t cs, int64_t n,
+                                     int64_t group_size, QuantRange range, bool symmetric, float clip, bool given,
+                                     bool whole_tensor, float* __restrict__ scale, float* __restrict__ zero,
+                                     scalar_t* __restrict__ y) {
+  __shared__ float scratch[32];
+  const int64_t row = blockIdx.x, groups = n / group_size;
+  const int64_t at = whole_tensor ? 0 : row * groups;
+  quantize_row(x + row * rs, cs, group_size, groups, range, symmetric, clip, given, whole_tensor ? 0 : 1,
+               scale + at, zero + at, y + row * n, scratch);
+}
+
+// The (1, 1) parameters of a whole tensor from its (min, max), on the device (no host synchronisation).
+__global__ void whole_tensor_params_kernel(const float* lo, const float* hi, QuantRange range, bool symmetric,
+                                           float clip, float* scale, float* zero) {
+  const float h = symmetric ? fmaxf(fabsf(*lo), fabsf(*hi)) : *hi;
+  quant_params(*lo, h, range, symmetric, clip, *scale, *zero);
+}
+
+template <typename scalar_t>
+__global__ void fake_quantize_backward_kernel(const scalar_t* __restrict__ dy, int64_t gr, int64_t gc,
+                                              const scalar_t* __restrict__ x, int64_t xr, int64_t xc, int64_t n,
+                                              int64_t group_size, QuantRange range, bool whole_tensor,
+                                              const float* __restrict__ scale, const float* __restrict__ zero,
+                                              scalar_t* __restrict__ dx, double* __restrict__ dscale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ double scratch[32];
+  const int64_t row = blockIdx.x, groups = n / group_size;
+  for (int64_t grp = 0; grp < groups; ++grp) {
+    const int64_t at = whole_tensor ? 0 : row * groups + grp;
+    const float s = scale[at], z = zero[at];
+    double acc = 0.0;
+    for (int64_t i = grp * group_size + threadIdx.x; i < (grp + 1) * group_size; i += blockDim.x) {
+      const acc_t v = static_cast<acc_t>(x[row * xr + i * xc]);
+      const acc_t d = static_cast<acc_t>(dy[row * gr + i * gc]);
+      const acc_t level = quant_level(v, s, z);
+      const bool inside = quant_inside(level, range);
+      dx[row * n + i] = static_cast<scalar_t>(inside ? d : acc_t(0));
+      if (dscale)
+        acc += static_cast<double>(d) * (inside ? static_cast<double>(level - z) - static_cast<double>(v) / s
+                                                : static_cast<double>(quant_clamp(level, range) - z));
+    }
+    if (dscale) {
+      acc = block_reduce(acc, SumOp(), scratch);
+      if (threadIdx.x == 0) dscale[row * groups + grp] = acc;
+    }
+  }
+}
+
+template <typename scalar_t>
+__global__ void quantize_int4_kernel(const scalar_t* __restrict__ w, int64_t rs, int64_t cs, int64_t n,
+                                     int64_t group_size, bool symmetric, float clip, float* __restrict__ scale,
+                                     uint8_t* __restrict__ zero, uint8_t* __restrict__ packed) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ float scratch[32];
+  const QuantRange range = quant_range(4, symmetric);
+  const float offset = symmetric ? 8.f : 0.f;
+  const int64_t row = blockIdx.x, groups = n / group_size;
+  const scalar_t* x = w + row * rs;
+  // Parameters first (written to global memory; the barrier in block_reduce and the one below make them
+  // visible to the block), then the codes two columns a thread.
+  for (int64_t grp = 0; grp < groups; ++grp) {
+    float lo = INFINITY, hi = symmetric ? 0.f : -INFINITY;
+    for (int64_t i = grp * group_size + threadIdx.x; i < (grp + 1) * group_size; i += blockDim.x) {
+      const float v = static_cast<float>(x[i * cs]);
+      if (symmetric) {
+        hi = fmaxf(hi, fabsf(v));
+      } else {
+        lo = fminf(lo, v), hi = fmaxf(hi, v);
+      }
+    }
+    hi = block_reduce(hi, MaxOp(), scratch);
+    if (!symmetric) lo = block_reduce(lo, MinOp(), scratch);
+    float s, z;
+    quant_params(lo, hi, range, symmetric, clip, s, z);
+    if (threadIdx.x == 0) scale[row * groups + grp] = s, zero[row * groups + grp] = static_cast<uint8_t>(z + offset);
+  }
+  __syncthreads();
+  for (int64_t j = threadIdx.x; j < n / 2; j += blockDim.x) {
+    uint8_t byte = 0;
+    for (int half = 0; half < 2; ++half) {
+      const int64_t c = 2 * j + half, at = row * groups + c / group_size;
+      const float s = scale[at], z = static_cast<float>(zero[at]) - offset;
+      const acc_t level = quant_clamp(quant_level(static_cast<acc_t>(x[c * cs]), s, z), range);
+      byte |= static_cast<uint8_t>(static_cast<int>(level + offset) << (4 * half));
+    }
+    packed[row * (n / 2) + j] = byte;
+  }
+}
+
+__global__ void pack_int4_kernel(const uint8_t* __restrict__ codes, int64_t count, uint8_t* __restrict__ packed) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j < count) packed[j] = static_cast<uint8_t>((codes[2 * j] & 0xF) | (codes[2 * j + 1] << 4));
+}
+
+__global__ void unpack_int4_kernel(const uint8_t* __restrict__ packed, int64_t count, uint8_t* __restrict__ codes) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= count) return;
+  codes[2 * j] = packed[j] & 0xF;
+  codes[2 * j + 1] = packed[j] >> 4;
+}
+
+template <typename scalar_t>
+__global__ void dequantize_int4_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ scale,
+                                       const uint8_t* __restrict__ zero, int64_t in, int64_t group_size,
+                                       int64_t total, scalar_t* __restrict__ out) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= total) return;
+  const int64_t r = e / in, c = e - r * in;
+  const uint8_t code = (packed[r * (in / 2) + c / 2] >> (4 * (c & 1))) & 0xF;
+  const int64_t at = r * (in / group_size) + c / group_size;
+  out[e] = static_cast<scalar_t>((static_cast<float>(code) - static_cast<float>(zero[at])) * scale[at]);
+}
+
+constexpr int kThreads = 256;
+inline int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
+
+// Dynamic shared memory of a row kernel: n (or 2n when K > 1) accumulation values, within the device's limit.
+template <typename acc_t, typename Kernel>
+size_t row_smem(Kernel kernel, int64_t n, int64_t k, const char* op) {
+  const size_t bytes = static_cast<size_t>(n) * (k > 1 ? 2 : 1) * sizeof(acc_t);
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK_VALUE(bytes <= prop->sharedMemPerBlockOptin, op, ": a row of ", n, " elements needs ", bytes,
+                    " bytes of shared memory in ", sizeof(acc_t) == 8 ? "float64" : "float32",
+                    " on CUDA, over this GPU's ", prop->sharedMemPerBlockOptin,
+                    " per block; use block_size= for a block-diagonal rotation");
+  if (bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  return bytes;
+}
+
+template <typename acc_t>
+RotationArgs<acc_t> rotation_args(int64_t n, int64_t k, const std::optional<at::Tensor>& hadamard_k,
+                                  const std::optional<at::Tensor>& signs, double scale, at::Tensor& h_keep,
+                                  at::Tensor& s_keep) {
+  RotationArgs<acc_t> r{n, k, n / k, nullptr, nullptr, static_cast<acc_t>(scale)};
+  if (hadamard_k && k > 1) {
+    h_keep = hadamard_k->contiguous();
+    r.h = h_keep.data_ptr<float>();
+  }
+  if (signs) {
+    s_keep = signs->to(sizeof(acc_t) == 8 ? at::kDouble : at::kFloat).contiguous();
+    r.signs = s_keep.data_ptr<acc_t>();
+  }
+  return r;
+}
+
+void check_grad_like(const at::Tensor& grad, const at::Tensor& input, const char* op) {
+  check_floating(grad, op, "grad");
+  check_same_dtype(grad, input, op, "grad", "input");
+  check_same_device(grad, input, op, "grad", "input");
+  TORCH_CHECK_VALUE(grad.sizes() == input.sizes(), op, ": grad ", grad.sizes(), " and input ", input.sizes(),
+                    " must have one shape");
+}
+
+}  // namespace
+
+at::Tensor hadamard_transform_cuda(const at::Tensor& input, const std::optional<at::Tensor>& hadamard_k,
+                                   const std::optional<at::Tensor>& signs, double scale, bool transpose) {
+  constexpr const char* op = "hadamard_transform";
+  const int64_t k = check_hadamard_args(input, hadamard_k, signs, op);
+  const at::cuda::OptionalCUDAGuard guard(input.device());
+  const int64_t n = input.size(-1);
+  auto result = at::empty(input.sizes(), input.options());
+  if (result.numel() == 0) return result;
+  const auto x = as_rows(input);
+  FTCORE_DISPATCH_FLOATING(input.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor h_keep, s_keep;
+    const auto r = rotation_args<acc_t>(n, k, hadamard_k, signs, scale, h_keep, s_keep);
+    const auto kernel = hadamard_kernel<scalar_t, acc_t>;
+    const size_t smem = row_smem<acc_t>(kernel, n, k, op);
+    kernel<<<x.size(0), threads_for(n), smem, at::cuda::getCurrentCUDAStream()>>>(
+        x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), r, transpose, result.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return result;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_cuda(const at::Tensor& input,
+                                                                   const std::optional<at::Tensor>& scale,
+                                                                   int64_t bits, bool symmetric, int64_t group_size,
+                                                                   double clip_ratio) {
+  constexpr const char* op = "fake_quantize";
+  const Grouping g = check_quant_args(input, bits, group_size, clip_ratio, op);
+  const at::cuda::OptionalCUDAGuard guard(input.device());
+  const QuantRange range = quant_range(bits, symmetric);
+  const float clip = static_cast<float>(clip_ratio);
+  const int64_t srows = g.whole_tensor ? 1 : g.rows, sgroups = g.whole_tensor ? 1 : g.groups;
+  auto fopts = input.options().dtype(at::kFloat);
+  at::Tensor qscale, zero = at::zeros({srows, sgroups}, fopts);
+  if (scale) {
+    TORCH_CHECK_VALUE(symmetric, op, ": a given (learnable) scale needs symmetric quantization");
+    check_scale(*scale, input, g, op);
+    qscale = scale->contiguous().clone();
+  } else {
+    qscale = at::empty({srows, sgroups}, fopts);
+  }
+  auto result = at::empty(input.sizes(), input.options());
+  if (result.numel() == 0) return {result, qscale, zero};
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  if (!scale && g.whole_tensor) {
+    const auto [mn, mx] = at::aminmax(input);
+    const auto lo = mn.to(at::kFloat), hi = mx.to(at::kFloat);
+    whole_tensor_params_kernel<<<1, 1, 0, stream>>>(lo.data_ptr<float>(), hi.data_ptr<float>(), range, symmetric,
+                                                    clip, qscale.data_ptr<float>(), zero.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const auto x = as_rows(input);
+  FTCORE_DISPATCH_FLOATING(input.scalar_type(), op, [&] {
+    fake_quantize_kernel<scalar_t><<<g.rows, threads_for(g.n), 0, stream>>>(
+        x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), g.n, g.group_size, range, symmetric, clip,
+        scale.has_value() || g.whole_tensor, g.whole_tensor, qscale.data_ptr<float>(), zero.data_ptr<float>(),
+        result.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {result, qscale, zero};
+}
+
+std::tuple<at::Tensor, at::Tensor> fake_quantize_backward_cuda(const at::Tensor& grad, const at::Tensor& input,
+                                                               const at::Tensor& scale, const at::Tensor& zero_point,
+                                                               int64_t bits, bool symmetric, int64_t group_size,
+                                                               bool scale_grad) {
+  constexpr const char* op = "fake_quantize_backward";
+  const Grouping g = check_quant_args(input, bits, group_size, 1.0, op);
+  check_grad_like(grad, input, op);
+  check_scale(scale, input, g, op);
+  check_scale(zero_point, input, g, op, "zero_point");
+  const at::cuda::OptionalCUDAGuard guard(input.device());
+  auto grad_input = at::empty(input.sizes(), input.options());
+  auto grad_scale = scale_grad ? at::zeros({g.rows, g.groups}, input.options().dtype(at::kDouble)) : at::Tensor();
+  if (input.numel() > 0) {
+    const auto x = as_rows(input), dy = as_rows(grad);
+    const auto s_c = scale.contiguous(), z_c = zero_point.contiguous();
+    FTCORE_DISPATCH_FLOATING(input.scalar_type(), op, [&] {
+      fake_quantize_backward_kernel<scalar_t><<<g.rows, threads_for(g.n), 0, at::cuda::getCurrentCUDAStream()>>>(
+          dy.data_ptr<scalar_t>(), dy.stride(0), dy.stride(1), x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), g.n,
+          g.group_size, quant_range(bits, symmetric), g.whole_tensor, s_c.data_ptr<float>(), z_c.data_ptr<float>(),
+          grad_input.data_ptr<scalar_t>(), scale_grad ? grad_scale.data_ptr<double>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  if (!scale_grad) return {grad_input, at::empty({0}, input.options().dtype(at::kFloat))};
+  auto reduced = g.whole_tensor ? grad_scale.sum().view({1, 1}) : grad_scale;
+  return {grad_input, reduced.to(at::kFloat)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_fake_quantize_cuda(
+    const at::Tensor& input, const std::optional<at::Tensor>& hadamard_k, const std::optional<at::Tensor>& signs,
+    double scale, int64_t bits, bool symmetric, int64_t group_size, double clip_ratio) {
+  constexpr const char* op = "rotate_fake_quantize";
+  const int64_t k = check_hadamard_args(input, hadamard_k, signs, op);
+  TORCH_CHECK_VALUE(group_size >= 0, op, ": group_size must be 0 (per token) or a group length, got ", group_size,
+                    " (a whole-tensor scale would need the rotated tensor twice)");
+  const Grouping g = check_quant_args(input, bits, group_size, clip_ratio, op);
+  const at::cuda::OptionalCUDAGuard guard(input.device());
+  auto fopts = input.options().dtype(at::kFloat);
+  auto qscale = at::empty({g.rows, g.groups}, fopts), zero = at::empty({g.rows, g.groups}, fopts);
+  auto result = at::empty(input.sizes(), input.options());
+  if (result.numel() == 0) return {result, qscale, zero};
+  const auto x = as_rows(input);
+  FTCORE_DISPATCH_FLOATING(input.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor h_keep, s_keep;
+    const auto r = rotation_args<acc_t>(g.n, k, hadamard_k, signs, scale, h_keep, s_keep);
+    const auto kernel = rotate_fake_quantize_kernel<scalar_t, acc_t>;
+    const size_t smem = row_smem<acc_t>(kernel, g.n, k, op);
+    kernel<<<g.rows, threads_for(g.n), smem, at::cuda::getCurrentCUDAStream()>>>(
+        x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), r, g.group_size, quant_range(bits, symmetric), symmetric,
+        static_cast<float>(clip_ratio), qscale.data_ptr<float>(), zero.data_ptr<float>(), result.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {result, qscale, zero};
+}
+
+at::Tensor rotate_fake_quantize_backward_cuda(const at::Tensor& grad, const at::Tensor& input,
+                                              const std::optional<at::Tensor>& hadamard_k,
+                                              const std::optional<at::Tensor>& signs, double scale,
+                                              const at::Tensor& qscale, const at::Tensor& zero_point, int64_t bits,
+                                              bool symmetric, int64_t group_size) {
+  constexpr const char* op = "rotate_fake_quantize_backward";
+  const int64_t k = check_hadamard_args(input, hadamard_k, signs, op);
+  TORCH_CHECK_VALUE(group_size >= 0, op, ": group_size must be 0 (per token) or a group length, got ", group_size);
+  const Grouping g = check_quant_args(input, bits, group_size, 1.0, op);
+  check_grad_like(grad, input, op);
+  check_scale(qscale, input, g, op, "qscale");
+  check_scale(zero_point, input, g, op, "zero_point");
+  const at::cuda::OptionalCUDAGuard guard(input.device());
+  auto result = at::empty(input.sizes(), input.options());
+  if (result.numel() == 0) return result;
+  const auto x = as_rows(input), dy = as_rows(grad);
+  const auto s_c = qscale.contiguous(), z_c = zero_point.contiguous();
+  FTCORE_DISPATCH_FLOATING(input.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor h_keep, s_keep;
+    const auto r = rotation_args<acc_t>(g.n, k, hadamard_k, signs, scale, h_keep, s_keep);
+    const auto kernel = rotate_fake_quantize_backward_kernel<scalar_t, acc_t>;
+    const size_t smem = row_smem<acc_t>(kernel, g.n, k, op);
+    kernel<<<g.rows, threads_for(g.n), smem, at::cuda::getCurrentCUDAStream()>>>(
+        dy.data_ptr<scalar_t>(), dy.stride(0), dy.stride(1), x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), r,
+        g.group_size, quant_range(bits, symmetric), s_c.data_ptr<float>(), z_c.data_ptr<float>(),
+        result.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return result;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4_cuda(const at::Tensor& weight, int64_t group_size,
+                                                                  bool symmetric, double clip_ratio) {
+  constexpr const char* op = "quantize_int4";
+  check_floating(weight, op, "weight");
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) % 2 == 0, op,
+                    ": weight must be 2-D (out, in) with an even in_features, got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(group_size >= 0, op, ": group_size must be 0 (per output channel) or positive, got ",
+                    group_size);
+  const Grouping g = check_quant_args(weight, 4, group_size, clip_ratio, op, "weight");
+  const at::cuda::OptionalCUDAGuard guard(weight.device());
+  auto packed = at::empty({g.rows, g.n / 2}, weight.options().dtype(at::kByte));
+  auto scale = at::empty({g.rows, g.groups}, weight.options().dtype(at::kFloat));
+  auto zero = at::empty({g.rows, g.groups}, weight.options().dtype(at::kByte));
+  if (weight.numel() == 0) return {packed, scale, zero};
+  FTCORE_DISPATCH_FLOATING(weight.scalar_type(), op, [&] {
+    quantize_int4_kernel<scalar_t><<<g.rows, threads_for(g.n), 0, at::cuda::getCurrentCUDAStream()>>>(
+        weight.data_ptr<scalar_t>(), weight.stride(0), weight.stride(1), g.n, g.group_size, symmetric,
+        static_cast<float>(clip_ratio), scale.data_ptr<float>(), zero.data_ptr<uint8_t>(),
+        packed.data_ptr<uint8_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {packed, scale, zero};
+}
+
+// Codes above 15 are checked by ftcore.ops.pack_int4 (one host sync); the kernel keeps the low nibble only.
+at::Tensor pack_int4_cuda(const at::Tensor& codes) {
+  constexpr const char* op = "pack_int4";
+  TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, op, ": codes must be uint8, got ", codes.scalar_type());
+  check_min_dim(codes, 1, op, "codes");
+  TORCH_CHECK_VALUE(codes.size(-1) % 2 == 0, op, ": the last dim of codes must be even, got shape ", codes.sizes());
+  const at::cuda::OptionalCUDAGuard guard(codes.device());
+  const auto c = codes.contiguous();
+  auto sizes = codes.sizes().vec();
+  sizes.back() /= 2;
+  auto out = at::empty(sizes, c.options());
+  if (out.numel() == 0) return out;
+  pack_int4_kernel<<<blocks_for(out.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      c.data_ptr<uint8_t>(), out.numel(), out.data_ptr<uint8_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor unpack_int4_cuda(const at::Tensor& packed) {
+  constexpr const char* op = "unpack_int4";
+  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, op, ": packed must be uint8, got ", packed.scalar_type());
+  check_min_dim(packed, 1, op, "packed");
+  const at::cuda::OptionalCUDAGuard guard(packed.device());
+  const auto p = packed.contiguous();
+  auto sizes = packed.sizes().vec();
+  sizes.back() *= 2;
+  auto out = at::empty(sizes, p.options());
+  if (p.numel() == 0) return out;
+  unpack_int4_kernel<<<blocks_for(p.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      p.data_ptr<uint8_t>(), p.numel(), out.data_ptr<uint8_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor dequantize_int4_cuda(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero_point,
+                                int64_t group_size, at::ScalarType dtype) {
+  constexpr const char* op = "dequantize_int4";
+  const int64_t g = check_int4_args(packed, scale, zero_point, group_size, op);
+  const at::cuda::OptionalCUDAGuard guard(packed.device());
+  auto result = at::empty({packed.size(0), 2 * packed.size(1)}, packed.options().dtype(dtype));
+  check_floating(result, op, "dtype");
+  if (result.numel() == 0) return result;
+  const auto p = packed.contiguous(), s = scale.contiguous(), z = zero_point.contiguous();
+  FTCORE_DISPATCH_FLOATING(dtype, op, [&] {
+    dequantize_int4_kernel<scalar_t><<<blocks_for(result.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        p.data_ptr<uint8_t>(), s.data_ptr<float>(), z.data_ptr<uint8_t>(), result.size(1), g, result.numel(),
+        result.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return result;
+}
+
+TORCH_LIBRARY_IMPL(ftcore, CUDA, m) {
+  m.impl("hadamard_transform", &hadamard_transform_cuda);
+  m.impl("fake_quantize", &fake_quantize_cuda);
+  m.impl("fake_quantize_backward", &fake_quantize_backward_cuda);
+  m.impl("rotate_fake_quantize", &rotate_fake_quantize_cuda);
+  m.impl("rotate_fake_quantize_backward", &rotate_fake_quantize_backward_cuda);
+  m.impl("quantize_int4", &quantize_int4_cuda);
+  m.impl("pack_int4", &pack_int4_cuda);
+  m.impl("unpack_int4", &unpack_int4_cuda);
+  m.impl("dequantize_int4", &dequantize_int4_cuda);
+}
+
+}  // namespace ftcore

@@ -1,0 +1,82 @@
+// Argument checks of the rotation and quantization ops, shared by the CPU and CUDA kernels (one wording).
+#include <ATen/ATen.h>
+
+#include "ftcore/checks.h"
+#include "ftcore/quant.h"
+
+namespace ftcore {
+
+Grouping check_quant_args(const at::Tensor& x, int64_t bits, int64_t group_size, double clip_ratio, const char* op,
+                          const char* name) {
+  check_floating(x, op, name);
+  check_min_dim(x, 1, op, name);
+  TORCH_CHECK_VALUE(bits >= 2 && bits <= 8, op, ": bits must be in [2, 8], got ", bits);
+  TORCH_CHECK_VALUE(clip_ratio > 0.0 && clip_ratio <= 1.0, op, ": clip_ratio must be in (0, 1], got ", clip_ratio);
+  const int64_t n = x.size(-1);
+  TORCH_CHECK_VALUE(n > 0, op, ": ", name, " must have a non-empty last dim, got shape ", x.sizes());
+  const int64_t rows = x.numel() / n;
+  TORCH_CHECK_VALUE(group_size >= -1, op, ": group_size must be -1 (whole tensor), 0 (per row) or positive, got ",
+                    group_size);
+  if (group_size > 0)
+    TORCH_CHECK_VALUE(n % group_size == 0, op, ": group_size ", group_size, " must divide the last dim of ", name,
+                      " (", n, ")");
+  const int64_t g = group_size > 0 ? group_size : n;
+  return {rows, n, g, n / g, group_size == -1};
+}
+
+void check_scale(const at::Tensor& scale, const at::Tensor& like, const Grouping& g, const char* op,
+                 const char* name) {
+  TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", scale.scalar_type());
+  check_same_device(scale, like, op, name, "the data");
+  const int64_t rows = g.whole_tensor ? 1 : g.rows, groups = g.whole_tensor ? 1 : g.groups;
+  TORCH_CHECK_VALUE(scale.dim() == 2 && scale.size(0) == rows && scale.size(1) == groups, op, ": ", name,
+                    " must have shape (", rows, ", ", groups, ") for this grouping, got ", scale.sizes());
+}
+
+int64_t check_hadamard_args(const at::Tensor& x, const std::optional<at::Tensor>& hadamard_k,
+                            const std::optional<at::Tensor>& signs, const char* op) {
+  check_floating(x, op, "input");
+  check_min_dim(x, 1, op, "input");
+  const int64_t n = x.size(-1);
+  int64_t k = 1;
+  if (hadamard_k) {
+    const auto& h = *hadamard_k;
+    TORCH_CHECK_TYPE(h.scalar_type() == at::kFloat, op, ": hadamard_k must be float32, got ", h.scalar_type());
+    check_same_device(h, x, op, "hadamard_k", "input");
+    TORCH_CHECK_VALUE(h.dim() == 2 && h.size(0) == h.size(1) && h.size(0) >= 1, op,
+                      ": hadamard_k must be a square matrix, got shape ", h.sizes());
+    k = h.size(0);
+  }
+  TORCH_CHECK_VALUE(n >= 1 && n % k == 0, op, ": the last dim of input (", n, ") must be a multiple of K = ", k);
+  const int64_t p = n / k;
+  TORCH_CHECK_VALUE((p & (p - 1)) == 0, op, ": the last dim of input (", n, ") must be K·2^m for K = ", k,
+                    "; got ", n, " = ", k, "·", p);
+  if (signs) {
+    check_floating(*signs, op, "signs");
+    check_same_device(*signs, x, op, "signs", "input");
+    TORCH_CHECK_VALUE(signs->dim() == 1 && signs->size(0) == n, op, ": signs must have shape (", n, "), got ",
+                      signs->sizes());
+  }
+  return k;
+}
+
+int64_t check_int4_args(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero,
+                        int64_t group_size, const char* op) {
+  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, op, ": packed must be uint8, got ", packed.scalar_type());
+  TORCH_CHECK_VALUE(packed.dim() == 2, op, ": packed must be 2-D (out, in/2), got shape ", packed.sizes());
+  TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat, op, ": scale must be float32, got ", scale.scalar_type());
+  TORCH_CHECK_TYPE(zero.scalar_type() == at::kByte, op, ": zero_point must be uint8, got ", zero.scalar_type());
+  check_same_device(scale, packed, op, "scale", "packed");
+  check_same_device(zero, packed, op, "zero_point", "packed");
+  const int64_t out = packed.size(0), in = 2 * packed.size(1);
+  TORCH_CHECK_VALUE(group_size >= 0, op, ": group_size must be 0 (per row) or positive, got ", group_size);
+  const int64_t g = group_size > 0 ? group_size : in;
+  TORCH_CHECK_VALUE(g > 0 && in % g == 0, op, ": group_size ", group_size, " must divide in_features (", in, ")");
+  TORCH_CHECK_VALUE(scale.dim() == 2 && scale.size(0) == out && scale.size(1) == in / g, op,
+                    ": scale must have shape (", out, ", ", in / g, "), got ", scale.sizes());
+  TORCH_CHECK_VALUE(zero.sizes() == scale.sizes(), op, ": zero_point must have shape ", scale.sizes(), ", got ",
+                    zero.sizes());
+  return g;
+}
+
+}  // namespace ftcore
