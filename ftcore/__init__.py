@@ -27,7 +27,7 @@ from .api import (
     trainable_parameters,
     unmerge,
 )
-from .nn import SparseDeltaLinear, StructuredSparseLinear
+from .nn import Int4Linear, RotatedQuantLinear, SparseDeltaLinear, StructuredSparseLinear
 from .tuners import (
     BackpropPlan,
     SparseDeltaConfig,
@@ -52,6 +52,8 @@ __all__ = [
     "SparseDeltaLinear",
     "StructuredSparseConfig",
     "StructuredSparseLinear",
+    "RotatedQuantLinear",
+    "Int4Linear",
     "plan_backprop",
     "BackpropPlan",
     "SparseDeltaScheduler",

@@ -178,6 +178,7 @@ def _odd_part(n: int) -> Tuple[int, int]:
     return n >> twos, twos
 
 
+@torch._dynamo.assume_constant_result  # a pure function of n: torch.compile calls it instead of tracing it
 def hadamard_factors(n: int) -> Tuple[int, int]:
     """(K, P) with n = K·P, P a power of two and K the smallest order with a known Hadamard matrix.
 
@@ -223,6 +224,7 @@ def random_signs(n: int, seed: int = 0, *, device=None) -> torch.Tensor:
 _device_cache: dict = {}
 
 
+@torch._dynamo.assume_constant_result  # torch.compile takes the cached matrix as a constant input
 def hadamard_k_on(k: int, device: torch.device) -> Optional[torch.Tensor]:
     """H_K on `device` (None for K = 1), cached: the ops take it as an argument every call."""
     if k == 1:

@@ -2,6 +2,13 @@
 
 from .base import DeltaLinear, is_linear_like, logical_weight
 from .sparse_delta import GradientProbe, SparseDeltaLinear
+from .quant import Int4Linear, RotatedQuantLinear
 from .structured import StructuredSparseLinear
 
-__all__ = ["DeltaLinear", "SparseDeltaLinear", "StructuredSparseLinear", "GradientProbe", "is_linear_like", "logical_weight"]
+__all__ = [
+    "DeltaLinear",
+    "SparseDeltaLinear",
+    "StructuredSparseLinear",
+    "RotatedQuantLinear",
+    "Int4Linear",
+    "GradientProbe", "is_linear_like", "logical_weight"]
