@@ -95,27 +95,41 @@ void group_stats(const T* x, int64_t stride, int64_t len, bool symmetric, float&
   lo = a, hi = b;
 }
 
-// Fake-quantizes the groups of one row (values v in acc_t, any stride) into out; computes each group's scale and
-// zero point unless `given` (then read from scale/zero at `given_stride` per group, 0 for one shared pair).
-template <typename V, typename scalar_t>
-void quantize_row(const V* v, int64_t stride, const Grouping& g, QuantRange range, bool symmetric, float clip,
-                  bool given, int64_t given_stride, float* scale, float* zero, scalar_t* out) {
-  using acc_t = at::opmath_type<scalar_t>;
+// Fake-quantizes the groups of one row in place (n values in the accumulation type); computes each group's scale
+// and zero point unless `given` (then read from scale/zero at `given_stride` per group, 0 for one shared pair).
+template <typename acc_t>
+void quantize_row(acc_t* v, const Grouping& g, QuantRange range, bool symmetric, float clip, bool given,
+                  int64_t given_stride, float* scale, float* zero) {
+  const auto& kern = cpu::active_kernels();
   for (int64_t grp = 0; grp < g.groups; ++grp) {
-    const V* x = v + grp * g.group_size * stride;
+    acc_t* x = v + grp * g.group_size;
     float s, z;
     if (given) {
       s = scale[grp * given_stride], z = zero[grp * given_stride];
     } else {
-      float lo, hi;
-      group_stats(x, stride, g.group_size, symmetric, lo, hi);
+      float lo = 0.f, hi = 0.f;
+      kern.group_range(elem_of<acc_t>(), x, g.group_size, symmetric, &lo, &hi);
       quant_params(lo, hi, range, symmetric, clip, s, z);
       scale[grp] = s, zero[grp] = z;
     }
-    scalar_t* y = out + grp * g.group_size;
-    for (int64_t i = 0; i < g.group_size; ++i)
-      y[i] = static_cast<scalar_t>(fake_quant(static_cast<acc_t>(x[i * stride]), s, z, range));
+    kern.fake_quant(elem_of<acc_t>(), x, g.group_size, s, z, range.qmin, range.qmax);
   }
+}
+
+// Zeroes the gradient row gbuf where the row v (both n values in the accumulation type) quantizes outside the
+// range: the straight-through mask, group by group.
+template <typename acc_t>
+void mask_row(const acc_t* v, acc_t* gbuf, const Grouping& g, QuantRange range, const float* scale,
+              const float* zero, int64_t param_stride) {
+  const auto& kern = cpu::active_kernels();
+  for (int64_t grp = 0; grp < g.groups; ++grp)
+    kern.ste_mask(elem_of<acc_t>(), v + grp * g.group_size, g.group_size, scale[grp * param_stride],
+                  zero[grp * param_stride], range.qmin, range.qmax, gbuf + grp * g.group_size);
+}
+
+template <typename scalar_t, typename acc_t>
+void store_row(const acc_t* v, int64_t n, scalar_t* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(v[i]);
 }
 
 // Scale and zero point of the whole tensor as a (1, 1) pair.
@@ -154,8 +168,7 @@ at::Tensor hadamard_transform_cpu(const at::Tensor& input, const std::optional<a
       std::vector<acc_t> buf(n), tmp(k > 1 ? n : 0);
       for (int64_t r = r0; r < r1; ++r) {
         load_row(src + r * rs, cs, n, buf.data());
-        const acc_t* out = rot.apply(buf.data(), tmp.data(), transpose);
-        for (int64_t i = 0; i < n; ++i) dst[r * n + i] = static_cast<scalar_t>(out[i]);
+        store_row(rot.apply(buf.data(), tmp.data(), transpose), n, dst + r * n);
       }
     });
   });
@@ -197,10 +210,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_cpu(const at::Tenso
     float* z = zero.data_ptr<float>();
     const int64_t rs = x.stride(0), cs = x.stride(1);
     at::parallel_for(0, g.rows, row_grain(g.n), [&](int64_t r0, int64_t r1) {
+      std::vector<at::opmath_type<scalar_t>> buf(g.n);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t at_row = g.whole_tensor ? 0 : r * g.groups;
-        quantize_row(src + r * rs, cs, g, range, symmetric, clip, given, g.whole_tensor ? 0 : 1, s + at_row,
-                     z + at_row, dst + r * g.n);
+        load_row(src + r * rs, cs, g.n, buf.data());
+        quantize_row(buf.data(), g, range, symmetric, clip, given, g.whole_tensor ? 0 : 1, s + at_row, z + at_row);
+        store_row(buf.data(), g.n, dst + r * g.n);
       }
     });
   });
@@ -232,6 +247,20 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_backward_cpu(const at::Tensor& 
       const float* z = z_c.data_ptr<float>();
       double* gs = scale_grad ? grad_scale.data_ptr<double>() : nullptr;
       const int64_t xr = x.stride(0), xc = x.stride(1), gr = dy.stride(0), gc = dy.stride(1);
+      if (!gs) {
+        at::parallel_for(0, g.rows, row_grain(g.n), [&](int64_t r0, int64_t r1) {
+          std::vector<acc_t> buf(g.n), gbuf(g.n);
+          for (int64_t r = r0; r < r1; ++r) {
+            load_row(xp + r * xr, xc, g.n, buf.data());
+            load_row(gp + r * gr, gc, g.n, gbuf.data());
+            const int64_t at_row = g.whole_tensor ? 0 : r * g.groups;
+            mask_row(buf.data(), gbuf.data(), g, range, s + at_row, z + at_row, g.whole_tensor ? 0 : 1);
+            store_row(gbuf.data(), g.n, out + r * g.n);
+          }
+        });
+        return;
+      }
+      // With the LSQ scale gradient: element by element, the partial sums in float64.
       at::parallel_for(0, g.rows, row_grain(g.n), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r)
           for (int64_t grp = 0; grp < g.groups; ++grp) {
@@ -244,10 +273,10 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_backward_cpu(const at::Tensor& 
               const acc_t level = quant_level(v, sc, zp);
               const bool inside = quant_inside(level, range);
               out[r * g.n + i] = static_cast<scalar_t>(inside ? d : acc_t(0));
-              if (gs) acc += static_cast<double>(d) * (inside ? static_cast<double>(level - zp) - static_cast<double>(v) / sc
-                                                              : static_cast<double>(quant_clamp(level, range) - zp));
+              acc += static_cast<double>(d) * (inside ? static_cast<double>(level - zp) - static_cast<double>(v) / sc
+                                                      : static_cast<double>(quant_clamp(level, range) - zp));
             }
-            if (gs) gs[r * g.groups + grp] = acc;
+            gs[r * g.groups + grp] = acc;
           }
       });
     });
@@ -285,9 +314,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_fake_quantize_cpu(
       std::vector<acc_t> buf(g.n), tmp(k > 1 ? g.n : 0);
       for (int64_t r = r0; r < r1; ++r) {
         load_row(src + r * rs, cs, g.n, buf.data());
-        const acc_t* rotated = rot.apply(buf.data(), tmp.data(), false);
-        quantize_row(rotated, 1, g, range, symmetric, clip, false, 1, s + r * g.groups, z + r * g.groups,
-                     dst + r * g.n);
+        acc_t* rotated = rot.apply(buf.data(), tmp.data(), false);
+        quantize_row(rotated, g, range, symmetric, clip, false, 1, s + r * g.groups, z + r * g.groups);
+        store_row(rotated, g.n, dst + r * g.n);
       }
     });
   });
@@ -327,13 +356,8 @@ at::Tensor rotate_fake_quantize_backward_cpu(const at::Tensor& grad, const at::T
         load_row(xp + r * x.stride(0), x.stride(1), g.n, buf.data());
         const acc_t* rotated = rot.apply(buf.data(), tmp.data(), false);
         load_row(gp + r * dy.stride(0), dy.stride(1), g.n, gbuf.data());
-        for (int64_t grp = 0; grp < g.groups; ++grp) {
-          const float sc = s[r * g.groups + grp], zp = z[r * g.groups + grp];
-          for (int64_t i = grp * g.group_size; i < (grp + 1) * g.group_size; ++i)
-            if (!quant_inside(quant_level(rotated[i], sc, zp), range)) gbuf[i] = acc_t(0);
-        }
-        const acc_t* out = rot.apply(gbuf.data(), gtmp.data(), true);
-        for (int64_t i = 0; i < g.n; ++i) dst[r * g.n + i] = static_cast<scalar_t>(out[i]);
+        mask_row(rotated, gbuf.data(), g, range, s + r * g.groups, z + r * g.groups, 1);
+        store_row(rot.apply(gbuf.data(), gtmp.data(), true), g.n, dst + r * g.n);
       }
     });
   });

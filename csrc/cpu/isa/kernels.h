@@ -53,6 +53,14 @@ struct Kernels {
   void (*fwht)(Elem acc, void* buf, int64_t p, int64_t count);
   // out (k × p) = h · in (k × p), or hᵀ · in when `transpose`; h is k × k row-major float (±1).
   void (*hadamard_mix)(Elem acc, const float* h, int64_t k, bool transpose, const void* in, int64_t p, void* out);
+
+  // Quantizers (formulas in include/ftcore/quant.h) on len values in the accumulation type.
+  // lo = min, hi = max of v; or hi = max |v| when symmetric (lo untouched).
+  void (*group_range)(Elem acc, const void* v, int64_t len, bool symmetric, float* lo, float* hi);
+  // In place: v = (clamp(round(v / scale) + zero, qmin, qmax) - zero) · scale.
+  void (*fake_quant)(Elem acc, void* v, int64_t len, float scale, float zero, float qmin, float qmax);
+  // In place on g: zero where round(v / scale) + zero falls outside [qmin, qmax] (the straight-through mask).
+  void (*ste_mask)(Elem acc, const void* v, int64_t len, float scale, float zero, float qmin, float qmax, void* g);
 };
 
 // Panel widths (tokens per chunk) the inner loops are compiled for: compile-time widths let the compiler keep
