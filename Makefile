@@ -41,6 +41,7 @@ demo: build
 bench: build
 	$(PY) bench/bench_sparse_delta.py
 	$(PY) bench/bench_structured.py
+	$(PY) bench/bench_quant.py
 
 bench-micro: build
 	$(PY) -m pytest -q bench/test_ops_micro.py --benchmark-only
