@@ -8,7 +8,8 @@ H_K ⊗ H_{2^m} (csrc/include/ftcore/quant.h), so n is supported when n = K·2^m
   140, 152, 164, 168, 180, ...);
 - Paley II: K = 2(q + 1) for a prime power q ≡ 1 (mod 4) (12, 20, 28, 36, 52, 60, 76, 100, 108, 124, 148, ...);
 - Williamson: K = 4w from four symmetric circulant ±1 matrices A, B, C, D of order w with
-  A² + B² + C² + D² = 4w·I (ftcore/data/williamson.json lists the first rows and their sources);
+  A² + B² + C² + D² = 4w·I, for 92, 116, 156 and 172, which neither Paley construction reaches
+  (ftcore/data/williamson.json lists the first rows and how they were found);
 - doubling: H_{2K} = [[H_K, H_K], [H_K, -H_K]].
 
 The smallest such K is used (the K×K mix costs K multiply-adds an element). Prime powers up to the cube are
