@@ -60,6 +60,15 @@ int64_t check_hadamard_args(const at::Tensor& x, const std::optional<at::Tensor>
   return k;
 }
 
+void check_mask(const at::Tensor& mask, const at::Tensor& grad, const char* op) {
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kByte, op, ": mask must be uint8, got ", mask.scalar_type());
+  check_same_device(mask, grad, op, "mask", "grad");
+  const int64_t n = grad.size(-1), rows = n ? grad.numel() / n : 0;
+  TORCH_CHECK_VALUE(mask.dim() == 2 && mask.size(0) == rows && mask.size(1) == (n + 7) / 8, op,
+                    ": mask must have shape (", rows, ", ", (n + 7) / 8, ") for grad ", grad.sizes(), ", got ",
+                    mask.sizes());
+}
+
 int64_t check_int4_args(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero,
                         int64_t group_size, const char* op) {
   TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, op, ": packed must be uint8, got ", packed.scalar_type());

@@ -68,14 +68,16 @@ TORCH_LIBRARY(ftcore, m) {
   m.def(
       "fake_quantize_backward(Tensor grad, Tensor input, Tensor scale, Tensor zero_point, int bits, bool symmetric, "
       "int group_size, bool scale_grad) -> (Tensor, Tensor)");
-  // fake_quantize(hadamard_transform(x)) per token or group in one pass; the rotated tensor is never stored.
+  // (x̂, scale, zero_point, mask): fake_quantize(hadamard_transform(x)) per token or group in one pass; the
+  // rotated tensor is never stored. mask holds the straight-through bits (uint8 (rows, ceil(n/8)), bit b of
+  // byte j for element 8j + b, 1 inside the range): all that backward needs of the forward.
   m.def(
       "rotate_fake_quantize(Tensor input, Tensor? hadamard_k, Tensor? signs, float scale, int bits, bool symmetric, "
-      "int group_size, float clip_ratio) -> (Tensor, Tensor, Tensor)");
-  // Its input gradient: the transposed rotation of the masked gradient, the mask from re-rotating the input.
+      "int group_size, float clip_ratio) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Its input gradient: the transposed rotation of the masked gradient, one pass.
   m.def(
-      "rotate_fake_quantize_backward(Tensor grad, Tensor input, Tensor? hadamard_k, Tensor? signs, float scale, "
-      "Tensor qscale, Tensor zero_point, int bits, bool symmetric, int group_size) -> Tensor");
+      "rotate_fake_quantize_backward(Tensor grad, Tensor mask, Tensor? hadamard_k, Tensor? signs, float scale) -> "
+      "Tensor");
   // (packed, scale, zero_point) of a 2-D weight at 4 bits, rounding exactly as fake_quantize does.
   m.def("quantize_int4(Tensor weight, int group_size, bool symmetric, float clip_ratio) -> (Tensor, Tensor, Tensor)");
   m.def("pack_int4(Tensor codes) -> Tensor");

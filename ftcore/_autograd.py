@@ -166,18 +166,18 @@ def _fake_quantize_backward(ctx, dy, _d_scale, _d_zero):
     return d_input, (d_scale if want_scale else None), None, None, None, None
 
 
-# (x̂, qscale, zero) = rotate_fake_quantize(x):  dx = transposed rotation of the masked dx̂ (input re-rotated)
+# (x̂, qscale, zero, mask) = rotate_fake_quantize(x):  dx = transposed rotation of mask ⊙ dx̂ (only the bits saved)
 def _rotate_fake_quantize_setup(ctx, inputs, output):
-    input, hadamard_k, signs, scale, bits, symmetric, group_size, _ = inputs
-    _, qscale, zero = output
-    ctx.mark_non_differentiable(qscale, zero)
-    ctx.save_for_backward(input, hadamard_k, signs, qscale, zero)
-    ctx.scale, ctx.args = scale, (bits, symmetric, group_size)
+    _, hadamard_k, signs, scale, *_ = inputs
+    _, qscale, zero, mask = output
+    ctx.mark_non_differentiable(qscale, zero, mask)
+    ctx.save_for_backward(mask, hadamard_k, signs)
+    ctx.scale = scale
 
 
-def _rotate_fake_quantize_backward(ctx, dy, _d_scale, _d_zero):
-    input, hadamard_k, signs, qscale, zero = ctx.saved_tensors
-    d_input = ops.rotate_fake_quantize_backward(dy, input, hadamard_k, signs, ctx.scale, qscale, zero, *ctx.args)
+def _rotate_fake_quantize_backward(ctx, dy, _d_scale, _d_zero, _d_mask):
+    mask, hadamard_k, signs = ctx.saved_tensors
+    d_input = ops.rotate_fake_quantize_backward(dy, mask, hadamard_k, signs, ctx.scale)
     return d_input, None, None, None, None, None, None, None
 
 

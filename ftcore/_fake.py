@@ -97,12 +97,15 @@ def _fake_quantize_backward(grad, input, scale, zero_point, bits, symmetric, gro
 
 @torch.library.register_fake("ftcore::rotate_fake_quantize")
 def _rotate_fake_quantize(input, hadamard_k, signs, scale, bits, symmetric, group_size, clip_ratio):
-    return _fake_quantize(input, None, bits, symmetric, group_size, clip_ratio)
+    out, qscale, zero = _fake_quantize(input, None, bits, symmetric, group_size, clip_ratio)
+    n = input.shape[-1]
+    mask = input.new_empty((input.numel() // n if n else 0, (n + 7) // 8), dtype=torch.uint8)
+    return out, qscale, zero, mask
 
 
 @torch.library.register_fake("ftcore::rotate_fake_quantize_backward")
-def _rotate_fake_quantize_backward(grad, input, hadamard_k, signs, scale, qscale, zero_point, bits, symmetric, group_size):
-    return torch.empty_like(input, memory_format=torch.contiguous_format)
+def _rotate_fake_quantize_backward(grad, mask, hadamard_k, signs, scale):
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("ftcore::quantize_int4")

@@ -329,14 +329,14 @@ def rotate_fake_quantize(
     return_params: bool = False,
 ):
     """``fake_quantize(hadamard_transform(x, scale, signs=signs), ...)`` per token or group in one pass: the
-    rotated tensor is never written, and backward re-rotates the saved input instead of keeping it. The online
-    activation rotation of a down_proj-like layer."""
+    rotated tensor is never written, and all that is saved for backward is one bit an element (where the
+    straight-through gradient passes). The online activation rotation of a down_proj-like layer."""
     gs = _group_size(granularity, group_size)
     if gs < 0:
         raise ValueError("rotate_fake_quantize quantizes per token or per group, not per tensor")
     n, hadamard_k, signs = _rotation_args(x, signs)
     scale = 1.0 / math.sqrt(n) if scale is None else float(scale)
-    out, qscale, zero = torch.ops.ftcore.rotate_fake_quantize.default(
+    out, qscale, zero, _ = torch.ops.ftcore.rotate_fake_quantize.default(
         x, hadamard_k, signs, scale, _check_bits(bits), bool(symmetric), gs, float(clip_ratio)
     )
     return (out, qscale, zero) if return_params else out

@@ -251,9 +251,20 @@ def fake_quantize_backward(
 
 
 def rotate_fake_quantize(x, hadamard_k, signs, scale, bits, symmetric, group_size, clip_ratio):
-    """The unfused pair: rotate, then fake-quantize the rotated tensor."""
+    """The unfused pair: rotate, then fake-quantize the rotated tensor; plus the straight-through bits."""
     rotated = hadamard_transform(x, hadamard_k, signs, scale, False)
-    return fake_quantize(rotated, None, bits, symmetric, group_size, clip_ratio)
+    out, qscale, zero = fake_quantize(rotated, None, bits, symmetric, group_size, clip_ratio)
+    qmin, qmax = _range(bits, symmetric)
+    level = _levels(rotated, qscale, zero, group_size)
+    inside = ((level >= qmin) & (level <= qmax)).reshape(-1, x.shape[-1])
+    return out, qscale, zero, pack_bits(inside)
+
+
+def pack_bits(inside: Tensor) -> Tensor:
+    """(rows, n) bool -> uint8 (rows, ceil(n/8)), element 8j + b in bit b of byte j."""
+    n = inside.shape[-1]
+    padded = torch.nn.functional.pad(inside.to(torch.uint8), (0, (-n) % 8)).view(inside.shape[0], -1, 8)
+    return (padded << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
 
 
 def pack_int4(codes: Tensor) -> Tensor:

@@ -219,7 +219,10 @@ def test_fused_matches_the_unfused_pair(device, n, granularity, group_size, dtyp
     # The fused op quantizes the rotation in the accumulation dtype (the unfused pair rounds it to bf16 first):
     # the oracle rotates in float32 / float64 too.
     wide = x.cpu().to(torch.float64 if dtype == torch.float64 else torch.float32)
-    ref, ref_scale, ref_zero = reference.rotate_fake_quantize(wide, hk, signs, n**-0.5, 4, True, gs, 1.0)
+    ref, ref_scale, ref_zero, ref_mask = reference.rotate_fake_quantize(wide, hk, signs, n**-0.5, 4, True, gs, 1.0)
+    _, _, _, mask = torch.ops.ftcore.rotate_fake_quantize(x, None if hk is None else hk.to(device),
+                                                          signs.to(device), n**-0.5, 4, True, gs, 1.0)
+    assert mask.shape == ref_mask.shape and float((mask.cpu() != ref_mask).float().mean()) < 0.01
     torch.testing.assert_close(scale.cpu(), ref_scale, rtol=1e-5, atol=0)
     # The rotated values may differ in the last bit from the reference butterfly, so a rare element may round
     # to the neighbouring level; everything else agrees up to the output's rounding.

@@ -3,8 +3,8 @@
 // Every op walks rows in parallel; a row is read once into a per-thread buffer in the accumulation type,
 // transformed there (the butterflies and the K×K mix run in the instruction-set builds of cpu/isa/), and
 // written once. The fused rotate + fake-quantize keeps the rotated row in that buffer for its group statistics
-// and rounding, so the rotated activation never goes to memory; its backward re-rotates the input instead of
-// saving the rotated tensor.
+// and rounding, so the rotated activation never goes to memory, and saves one bit an element for backward,
+// which is then a single transposed rotation of the masked gradient.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -97,9 +97,10 @@ void group_stats(const T* x, int64_t stride, int64_t len, bool symmetric, float&
 
 // Fake-quantizes the groups of one row in place (n values in the accumulation type); computes each group's scale
 // and zero point unless `given` (then read from scale/zero at `given_stride` per group, 0 for one shared pair).
+// With `inside` (n bytes), records which elements quantized inside the range.
 template <typename acc_t>
 void quantize_row(acc_t* v, const Grouping& g, QuantRange range, bool symmetric, float clip, bool given,
-                  int64_t given_stride, float* scale, float* zero) {
+                  int64_t given_stride, float* scale, float* zero, uint8_t* inside = nullptr) {
   const auto& kern = cpu::active_kernels();
   for (int64_t grp = 0; grp < g.groups; ++grp) {
     acc_t* x = v + grp * g.group_size;
@@ -112,7 +113,8 @@ void quantize_row(acc_t* v, const Grouping& g, QuantRange range, bool symmetric,
       quant_params(lo, hi, range, symmetric, clip, s, z);
       scale[grp] = s, zero[grp] = z;
     }
-    kern.fake_quant(elem_of<acc_t>(), x, g.group_size, s, z, range.qmin, range.qmax);
+    kern.fake_quant(elem_of<acc_t>(), x, g.group_size, s, z, range.qmin, range.qmax,
+                    inside ? inside + grp * g.group_size : nullptr);
   }
 }
 
@@ -130,6 +132,15 @@ void mask_row(const acc_t* v, acc_t* gbuf, const Grouping& g, QuantRange range, 
 template <typename scalar_t, typename acc_t>
 void store_row(const acc_t* v, int64_t n, scalar_t* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(v[i]);
+}
+
+// n bytes of 0/1 -> ceil(n/8) bytes, element 8j + b in bit b of byte j (the mask layout of quant.h).
+void pack_bits(const uint8_t* inside, int64_t n, uint8_t* bits) {
+  for (int64_t j = 0; j < (n + 7) / 8; ++j) {
+    uint8_t byte = 0;
+    for (int64_t b = 0; b < 8 && 8 * j + b < n; ++b) byte |= static_cast<uint8_t>(inside[8 * j + b] << b);
+    bits[j] = byte;
+  }
 }
 
 // Scale and zero point of the whole tensor as a (1, 1) pair.
@@ -286,7 +297,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_backward_cpu(const at::Tensor& 
   return {grad_input, reduced.to(at::kFloat)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_fake_quantize_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rotate_fake_quantize_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& hadamard_k, const std::optional<at::Tensor>& signs,
     double scale, int64_t bits, bool symmetric, int64_t group_size, double clip_ratio) {
   constexpr const char* op = "rotate_fake_quantize";
@@ -298,8 +309,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_fake_quantize_cpu(
   const float clip = static_cast<float>(clip_ratio);
   auto fopts = input.options().dtype(at::kFloat);
   auto qscale = at::empty({g.rows, g.groups}, fopts), zero = at::empty({g.rows, g.groups}, fopts);
+  auto mask = at::empty({g.rows, (g.n + 7) / 8}, input.options().dtype(at::kByte));
   auto result = at::empty(input.sizes(), input.options());
-  if (result.numel() == 0) return {result, qscale, zero};
+  if (result.numel() == 0) return {result, qscale, zero, mask};
   const auto x = as_rows(input);
   auto y = result.view({-1, g.n});
   FTCORE_DISPATCH_FLOATING(input.scalar_type(), op, [&] {
@@ -309,55 +321,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_fake_quantize_cpu(
     scalar_t* dst = y.data_ptr<scalar_t>();
     float* s = qscale.data_ptr<float>();
     float* z = zero.data_ptr<float>();
-    const int64_t rs = x.stride(0), cs = x.stride(1);
+    uint8_t* m = mask.data_ptr<uint8_t>();
+    const int64_t rs = x.stride(0), cs = x.stride(1), mask_row_bytes = (g.n + 7) / 8;
     at::parallel_for(0, g.rows, row_grain(g.n), [&](int64_t r0, int64_t r1) {
       std::vector<acc_t> buf(g.n), tmp(k > 1 ? g.n : 0);
+      std::vector<uint8_t> inside(g.n);
       for (int64_t r = r0; r < r1; ++r) {
         load_row(src + r * rs, cs, g.n, buf.data());
         acc_t* rotated = rot.apply(buf.data(), tmp.data(), false);
-        quantize_row(rotated, g, range, symmetric, clip, false, 1, s + r * g.groups, z + r * g.groups);
+        quantize_row(rotated, g, range, symmetric, clip, false, 1, s + r * g.groups, z + r * g.groups, inside.data());
         store_row(rotated, g.n, dst + r * g.n);
+        pack_bits(inside.data(), g.n, m + r * mask_row_bytes);
       }
     });
   });
-  return {result, qscale, zero};
+  return {result, qscale, zero, mask};
 }
 
-at::Tensor rotate_fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor& input,
+at::Tensor rotate_fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor& mask,
                                              const std::optional<at::Tensor>& hadamard_k,
-                                             const std::optional<at::Tensor>& signs, double scale,
-                                             const at::Tensor& qscale, const at::Tensor& zero_point, int64_t bits,
-                                             bool symmetric, int64_t group_size) {
+                                             const std::optional<at::Tensor>& signs, double scale) {
   constexpr const char* op = "rotate_fake_quantize_backward";
-  const int64_t k = check_hadamard_args(input, hadamard_k, signs, op);
-  TORCH_CHECK_VALUE(group_size >= 0, op, ": group_size must be 0 (per token) or a group length, got ", group_size);
-  const Grouping g = check_quant_args(input, bits, group_size, 1.0, op);
-  check_grad_like(grad, input, op);
-  check_scale(qscale, input, g, op, "qscale");
-  check_scale(zero_point, input, g, op, "zero_point");
-  const QuantRange range = quant_range(bits, symmetric);
-  auto result = at::empty(input.sizes(), input.options());
+  const int64_t k = check_hadamard_args(grad, hadamard_k, signs, op);
+  check_mask(mask, grad, op);
+  const int64_t n = grad.size(-1);
+  auto result = at::empty(grad.sizes(), grad.options());
   if (result.numel() == 0) return result;
-  const auto x = as_rows(input), dy = as_rows(grad);
-  const auto s_c = qscale.contiguous(), z_c = zero_point.contiguous();
-  auto dx = result.view({-1, g.n});
-  FTCORE_DISPATCH_FLOATING(input.scalar_type(), op, [&] {
+  const auto dy = as_rows(grad);
+  const auto m_c = mask.contiguous();
+  auto dx = result.view({-1, n});
+  FTCORE_DISPATCH_FLOATING(grad.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Rotation<acc_t> rot(g.n, k, hadamard_k, signs, scale);
-    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const Rotation<acc_t> rot(n, k, hadamard_k, signs, scale);
     const scalar_t* gp = dy.data_ptr<scalar_t>();
+    const uint8_t* m = m_c.data_ptr<uint8_t>();
     scalar_t* dst = dx.data_ptr<scalar_t>();
-    const float* s = s_c.data_ptr<float>();
-    const float* z = z_c.data_ptr<float>();
-    at::parallel_for(0, g.rows, row_grain(g.n), [&](int64_t r0, int64_t r1) {
-      std::vector<acc_t> buf(g.n), tmp(k > 1 ? g.n : 0), gbuf(g.n), gtmp(k > 1 ? g.n : 0);
+    const int64_t mask_row_bytes = (n + 7) / 8;
+    at::parallel_for(0, dy.size(0), row_grain(n), [&](int64_t r0, int64_t r1) {
+      std::vector<acc_t> buf(n), tmp(k > 1 ? n : 0);
       for (int64_t r = r0; r < r1; ++r) {
-        // The forward's rotation, recomputed bit for bit, gives the straight-through mask.
-        load_row(xp + r * x.stride(0), x.stride(1), g.n, buf.data());
-        const acc_t* rotated = rot.apply(buf.data(), tmp.data(), false);
-        load_row(gp + r * dy.stride(0), dy.stride(1), g.n, gbuf.data());
-        mask_row(rotated, gbuf.data(), g, range, s + r * g.groups, z + r * g.groups, 1);
-        store_row(rot.apply(gbuf.data(), gtmp.data(), true), g.n, dst + r * g.n);
+        const uint8_t* bits = m + r * mask_row_bytes;
+        for (int64_t i = 0; i < n; ++i)
+          buf[i] = ((bits[i >> 3] >> (i & 7)) & 1) ? static_cast<acc_t>(gp[r * dy.stride(0) + i * dy.stride(1)])
+                                                   : acc_t(0);
+        store_row(rot.apply(buf.data(), tmp.data(), true), n, dst + r * n);
       }
     });
   });

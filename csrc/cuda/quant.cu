@@ -3,9 +3,9 @@
 // Row kernels: one block per row. The row is read once (coalesced along the last dim) into shared memory in the
 // accumulation type, transformed there — the butterflies of H_P stage by stage, then the K×K mix into a second
 // buffer — and written once, either as is (hadamard_transform) or fake-quantized group by group with block-wide
-// reductions (rotate_fake_quantize, fake_quantize). The fused backward re-rotates the input in shared memory
-// for the straight-through mask, masks the incoming gradient into the buffer the mix left free, and applies the
-// transposed rotation: it reads x and dy once and writes dx once.
+// reductions (rotate_fake_quantize, fake_quantize); the fused op also writes the straight-through mask, one bit
+// an element (warp ballots), so its backward reads dy and the bits once, applies the transposed rotation and
+// writes dx once.
 //
 // Shared memory holds n (K = 1) or 2n (K > 1) accumulation values a row; sizes beyond the device's per-block
 // limit (float32 K > 1 past n ≈ 29000, float64 past half that) are refused with a clear error.
@@ -152,38 +152,45 @@ template <typename scalar_t, typename acc_t>
 __global__ void rotate_fake_quantize_kernel(const scalar_t* __restrict__ x, int64_t rs, int64_t cs,
                                             RotationArgs<acc_t> r, int64_t group_size, QuantRange range,
                                             bool symmetric, float clip, float* __restrict__ scale,
-                                            float* __restrict__ zero, scalar_t* __restrict__ y) {
+                                            float* __restrict__ zero, scalar_t* __restrict__ y,
+                                            uint8_t* __restrict__ mask) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float scratch[32];
   acc_t* buf = reinterpret_cast<acc_t*>(smem);
-  const int64_t row = blockIdx.x, groups = r.n / group_size;
+  const int64_t row = blockIdx.x, groups = r.n / group_size, mask_bytes = (r.n + 7) / 8;
   load_row(x + row * rs, cs, r.n, buf);
   const acc_t* rotated = rotate_row(buf, buf + r.n, r, false);
   quantize_row(rotated, 1, group_size, groups, range, symmetric, clip, false, 1, scale + row * groups,
                zero + row * groups, y + row * r.n, scratch);
+  __syncthreads();  // the group parameters (written by thread 0) are visible to the block
+  // The straight-through bits: a warp covers 32 consecutive elements (blockDim is a multiple of 32), so one
+  // ballot is four bytes of the mask.
+  const int64_t words = (r.n + 31) / 32;
+  for (int64_t i = threadIdx.x; i < words * 32; i += blockDim.x) {
+    bool inside = false;
+    if (i < r.n) {
+      const int64_t at = row * groups + i / group_size;
+      inside = quant_inside(quant_level(rotated[i], scale[at], zero[at]), range);
+    }
+    const unsigned ballot = __ballot_sync(0xffffffffu, inside);
+    if ((threadIdx.x & 31) == 0)
+      for (int64_t b = 0; b < 4 && i / 8 + b < mask_bytes; ++b)
+        mask[row * mask_bytes + i / 8 + b] = static_cast<uint8_t>(ballot >> (8 * b));
+  }
 }
 
 template <typename scalar_t, typename acc_t>
 __global__ void rotate_fake_quantize_backward_kernel(const scalar_t* __restrict__ dy, int64_t gr, int64_t gc,
-                                                     const scalar_t* __restrict__ x, int64_t xr, int64_t xc,
-                                                     RotationArgs<acc_t> r, int64_t group_size, QuantRange range,
-                                                     const float* __restrict__ scale, const float* __restrict__ zero,
+                                                     const uint8_t* __restrict__ mask, RotationArgs<acc_t> r,
                                                      scalar_t* __restrict__ dx) {
   extern __shared__ __align__(16) unsigned char smem[];
   acc_t* buf = reinterpret_cast<acc_t*>(smem);
-  acc_t* tmp = buf + r.n;
-  const int64_t row = blockIdx.x, groups = r.n / group_size;
-  load_row(x + row * xr, xc, r.n, buf);
-  const acc_t* rotated = rotate_row(buf, tmp, r, false);
-  // The masked gradient goes where the input was: buf itself for K = 1 (element by element, in place), or buf
-  // while the rotated input sits in tmp.
-  for (int64_t i = threadIdx.x; i < r.n; i += blockDim.x) {
-    const int64_t at = row * groups + i / group_size;
-    const bool inside = quant_inside(quant_level(rotated[i], scale[at], zero[at]), range);
-    buf[i] = inside ? static_cast<acc_t>(dy[row * gr + i * gc]) : acc_t(0);
-  }
+  const int64_t row = blockIdx.x, mask_bytes = (r.n + 7) / 8;
+  for (int64_t i = threadIdx.x; i < r.n; i += blockDim.x)
+    buf[i] = ((mask[row * mask_bytes + (i >> 3)] >> (i & 7)) & 1) ? static_cast<acc_t>(dy[row * gr + i * gc])
+                                                                  : acc_t(0);
   __syncthreads();
-  const acc_t* out = rotate_row(buf, tmp, r, true);
+  const acc_t* out = rotate_row(buf, buf + r.n, r, true);
   for (int64_t i = threadIdx.x; i < r.n; i += blockDim.x) dx[row * r.n + i] = static_cast<scalar_t>(out[i]);
 }
 
@@ -434,7 +441,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_backward_cuda(const at::Tensor&
   return {grad_input, reduced.to(at::kFloat)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_fake_quantize_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rotate_fake_quantize_cuda(
     const at::Tensor& input, const std::optional<at::Tensor>& hadamard_k, const std::optional<at::Tensor>& signs,
     double scale, int64_t bits, bool symmetric, int64_t group_size, double clip_ratio) {
   constexpr const char* op = "rotate_fake_quantize";
@@ -445,8 +452,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_fake_quantize_cuda(
   const at::cuda::OptionalCUDAGuard guard(input.device());
   auto fopts = input.options().dtype(at::kFloat);
   auto qscale = at::empty({g.rows, g.groups}, fopts), zero = at::empty({g.rows, g.groups}, fopts);
+  auto mask = at::empty({g.rows, (g.n + 7) / 8}, input.options().dtype(at::kByte));
   auto result = at::empty(input.sizes(), input.options());
-  if (result.numel() == 0) return {result, qscale, zero};
+  if (result.numel() == 0) return {result, qscale, zero, mask};
   const auto x = as_rows(input);
   FTCORE_DISPATCH_FLOATING(input.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -456,39 +464,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_fake_quantize_cuda(
     const size_t smem = row_smem<acc_t>(kernel, g.n, k, op);
     kernel<<<g.rows, threads_for(g.n), smem, at::cuda::getCurrentCUDAStream()>>>(
         x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), r, g.group_size, quant_range(bits, symmetric), symmetric,
-        static_cast<float>(clip_ratio), qscale.data_ptr<float>(), zero.data_ptr<float>(), result.data_ptr<scalar_t>());
+        static_cast<float>(clip_ratio), qscale.data_ptr<float>(), zero.data_ptr<float>(), result.data_ptr<scalar_t>(),
+        mask.data_ptr<uint8_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {result, qscale, zero};
+  return {result, qscale, zero, mask};
 }
 
-at::Tensor rotate_fake_quantize_backward_cuda(const at::Tensor& grad, const at::Tensor& input,
+at::Tensor rotate_fake_quantize_backward_cuda(const at::Tensor& grad, const at::Tensor& mask,
                                               const std::optional<at::Tensor>& hadamard_k,
-                                              const std::optional<at::Tensor>& signs, double scale,
-                                              const at::Tensor& qscale, const at::Tensor& zero_point, int64_t bits,
-                                              bool symmetric, int64_t group_size) {
+                                              const std::optional<at::Tensor>& signs, double scale) {
   constexpr const char* op = "rotate_fake_quantize_backward";
-  const int64_t k = check_hadamard_args(input, hadamard_k, signs, op);
-  TORCH_CHECK_VALUE(group_size >= 0, op, ": group_size must be 0 (per token) or a group length, got ", group_size);
-  const Grouping g = check_quant_args(input, bits, group_size, 1.0, op);
-  check_grad_like(grad, input, op);
-  check_scale(qscale, input, g, op, "qscale");
-  check_scale(zero_point, input, g, op, "zero_point");
-  const at::cuda::OptionalCUDAGuard guard(input.device());
-  auto result = at::empty(input.sizes(), input.options());
+  const int64_t k = check_hadamard_args(grad, hadamard_k, signs, op);
+  check_mask(mask, grad, op);
+  const at::cuda::OptionalCUDAGuard guard(grad.device());
+  const int64_t n = grad.size(-1);
+  auto result = at::empty(grad.sizes(), grad.options());
   if (result.numel() == 0) return result;
-  const auto x = as_rows(input), dy = as_rows(grad);
-  const auto s_c = qscale.contiguous(), z_c = zero_point.contiguous();
-  FTCORE_DISPATCH_FLOATING(input.scalar_type(), op, [&] {
+  const auto dy = as_rows(grad);
+  const auto m_c = mask.contiguous();
+  FTCORE_DISPATCH_FLOATING(grad.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     at::Tensor h_keep, s_keep;
-    const auto r = rotation_args<acc_t>(g.n, k, hadamard_k, signs, scale, h_keep, s_keep);
+    const auto r = rotation_args<acc_t>(n, k, hadamard_k, signs, scale, h_keep, s_keep);
     const auto kernel = rotate_fake_quantize_backward_kernel<scalar_t, acc_t>;
-    const size_t smem = row_smem<acc_t>(kernel, g.n, k, op);
-    kernel<<<g.rows, threads_for(g.n), smem, at::cuda::getCurrentCUDAStream()>>>(
-        dy.data_ptr<scalar_t>(), dy.stride(0), dy.stride(1), x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), r,
-        g.group_size, quant_range(bits, symmetric), s_c.data_ptr<float>(), z_c.data_ptr<float>(),
-        result.data_ptr<scalar_t>());
+    const size_t smem = row_smem<acc_t>(kernel, n, k, op);
+    kernel<<<dy.size(0), threads_for(n), smem, at::cuda::getCurrentCUDAStream()>>>(
+        dy.data_ptr<scalar_t>(), dy.stride(0), dy.stride(1), m_c.data_ptr<uint8_t>(), r, result.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return result;

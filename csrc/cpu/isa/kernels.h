@@ -57,8 +57,10 @@ struct Kernels {
   // Quantizers (formulas in include/ftcore/quant.h) on len values in the accumulation type.
   // lo = min, hi = max of v; or hi = max |v| when symmetric (lo untouched).
   void (*group_range)(Elem acc, const void* v, int64_t len, bool symmetric, float* lo, float* hi);
-  // In place: v = (clamp(round(v / scale) + zero, qmin, qmax) - zero) · scale.
-  void (*fake_quant)(Elem acc, void* v, int64_t len, float scale, float zero, float qmin, float qmax);
+  // In place: v = (clamp(round(v / scale) + zero, qmin, qmax) - zero) · scale; inside[i] = 1 where the level
+  // was within [qmin, qmax], else 0 (when inside is not null).
+  void (*fake_quant)(Elem acc, void* v, int64_t len, float scale, float zero, float qmin, float qmax,
+                     uint8_t* inside);
   // In place on g: zero where round(v / scale) + zero falls outside [qmin, qmax] (the straight-through mask).
   void (*ste_mask)(Elem acc, const void* v, int64_t len, float scale, float zero, float qmin, float qmax, void* g);
 };

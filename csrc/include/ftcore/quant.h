@@ -23,6 +23,9 @@
 // Straight-through estimator: dx = dx̂ where qmin ≤ round(x / scale) + zero ≤ qmax, else 0. With a given
 // (learnable, symmetric) scale the LSQ gradient is dscale = Σ dx̂ · (inside ? q - x/scale : q) over the group.
 //
+// The fused rotate + fake-quantize saves the straight-through mask of the rotated input as bits: uint8
+// (rows, ceil(n/8)), bit b of byte j for element 8j + b, 1 where the element quantized inside the range.
+//
 // ---- int4 storage (the one place the layout is defined) --------------------------------------------------------
 // A weight (out, in), in even, is stored as uint8 (out, in/2): byte j of a row holds the codes of columns 2j
 // (low nibble) and 2j+1 (high nibble). A code u ∈ [0, 15] stands for (u - zero) · scale, with float32 scale and
@@ -114,6 +117,9 @@ void check_scale(const at::Tensor& scale, const at::Tensor& like, const Grouping
 // on x's device). Returns K (1 without hadamard_k).
 int64_t check_hadamard_args(const at::Tensor& x, const std::optional<at::Tensor>& hadamard_k,
                             const std::optional<at::Tensor>& signs, const char* op);
+
+// The STE mask of rotate_fake_quantize: uint8 (rows, ceil(n / 8)) on grad's device, for grad (..., n).
+void check_mask(const at::Tensor& mask, const at::Tensor& grad, const char* op);
 
 // An int4 weight as stored: packed uint8 (out, in/2), scale float32 (out, groups), zero uint8 (out, groups).
 // Returns the group size in columns.
