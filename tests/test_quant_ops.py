@@ -223,6 +223,8 @@ def test_fused_matches_the_unfused_pair(device, n, granularity, group_size, dtyp
     _, _, _, mask = torch.ops.ftcore.rotate_fake_quantize(x, None if hk is None else hk.to(device),
                                                           signs.to(device), n**-0.5, 4, True, gs, 1.0)
     assert mask.shape == ref_mask.shape and float((mask.cpu() != ref_mask).float().mean()) < 0.01
+    if dtype == torch.float64:  # no last-bit differences from the butterfly: the bits agree exactly
+        assert torch.equal(mask.cpu(), ref_mask)
     torch.testing.assert_close(scale.cpu(), ref_scale, rtol=1e-5, atol=0)
     # The rotated values may differ in the last bit from the reference butterfly, so a rare element may round
     # to the neighbouring level; everything else agrees up to the output's rounding.
@@ -342,3 +344,21 @@ def test_errors_name_the_argument():
     for fn, exc, pattern in cases:
         with pytest.raises(exc, match=pattern):
             fn()
+
+
+@pytest.mark.parametrize("n,group_size", [(96, 0), (96, 12), (96, 24), (100, 0), (4864, 128)])
+def test_fused_mask_bits_are_exact(n, group_size, cpu_isa):
+    """The saved straight-through bits, against the levels of the op's own rotation (hadamard_transform shares
+    its arithmetic bit for bit), in every CPU build (AVX-512 writes whole bytes, the others bit by bit)."""
+    if n == 100:  # 100 = 4·25: no power-of-two factor beyond 4 — a K = 100 Paley II rotation, 13 mask bytes a row
+        assert hadamard.hadamard_factors(100) == (100, 1)
+    signs = hadamard.random_signs(n, 3)
+    x = torch.randn(33, n) * torch.linspace(0.1, 9, n)
+    k, _ = hadamard.hadamard_factors(n)
+    hk = hadamard.hadamard_k_on(k, x.device)
+    out, scale, zero, mask = torch.ops.ftcore.rotate_fake_quantize(x, hk, signs, 0.7, 3, True, group_size, 0.8)
+    rotated = torch.ops.ftcore.hadamard_transform(x, hk, signs, 0.7, False)
+    level = reference._levels(rotated, scale, zero, group_size).reshape(33, n)
+    inside = (level >= -4) & (level <= 3)
+    assert torch.equal(mask, reference.pack_bits(inside))
+    assert torch.equal(out, reference.fake_quantize(rotated, None, 3, True, group_size, 0.8)[0])

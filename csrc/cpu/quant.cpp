@@ -97,10 +97,10 @@ void group_stats(const T* x, int64_t stride, int64_t len, bool symmetric, float&
 
 // Fake-quantizes the groups of one row in place (n values in the accumulation type); computes each group's scale
 // and zero point unless `given` (then read from scale/zero at `given_stride` per group, 0 for one shared pair).
-// With `inside` (n bytes), records which elements quantized inside the range.
+// With `bits` (the row's packed mask), records which elements quantized inside the range.
 template <typename acc_t>
 void quantize_row(acc_t* v, const Grouping& g, QuantRange range, bool symmetric, float clip, bool given,
-                  int64_t given_stride, float* scale, float* zero, uint8_t* inside = nullptr) {
+                  int64_t given_stride, float* scale, float* zero, uint8_t* bits = nullptr) {
   const auto& kern = cpu::active_kernels();
   for (int64_t grp = 0; grp < g.groups; ++grp) {
     acc_t* x = v + grp * g.group_size;
@@ -113,8 +113,7 @@ void quantize_row(acc_t* v, const Grouping& g, QuantRange range, bool symmetric,
       quant_params(lo, hi, range, symmetric, clip, s, z);
       scale[grp] = s, zero[grp] = z;
     }
-    kern.fake_quant(elem_of<acc_t>(), x, g.group_size, s, z, range.qmin, range.qmax,
-                    inside ? inside + grp * g.group_size : nullptr);
+    kern.fake_quant(elem_of<acc_t>(), x, g.group_size, s, z, range.qmin, range.qmax, bits, grp * g.group_size);
   }
 }
 
@@ -132,15 +131,6 @@ void mask_row(const acc_t* v, acc_t* gbuf, const Grouping& g, QuantRange range, 
 template <typename scalar_t, typename acc_t>
 void store_row(const acc_t* v, int64_t n, scalar_t* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(v[i]);
-}
-
-// n bytes of 0/1 -> ceil(n/8) bytes, element 8j + b in bit b of byte j (the mask layout of quant.h).
-void pack_bits(const uint8_t* inside, int64_t n, uint8_t* bits) {
-  for (int64_t j = 0; j < (n + 7) / 8; ++j) {
-    uint8_t byte = 0;
-    for (int64_t b = 0; b < 8 && 8 * j + b < n; ++b) byte |= static_cast<uint8_t>(inside[8 * j + b] << b);
-    bits[j] = byte;
-  }
 }
 
 // Scale and zero point of the whole tensor as a (1, 1) pair.
@@ -325,13 +315,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rotate_fake_quantize_
     const int64_t rs = x.stride(0), cs = x.stride(1), mask_row_bytes = (g.n + 7) / 8;
     at::parallel_for(0, g.rows, row_grain(g.n), [&](int64_t r0, int64_t r1) {
       std::vector<acc_t> buf(g.n), tmp(k > 1 ? g.n : 0);
-      std::vector<uint8_t> inside(g.n);
       for (int64_t r = r0; r < r1; ++r) {
         load_row(src + r * rs, cs, g.n, buf.data());
         acc_t* rotated = rot.apply(buf.data(), tmp.data(), false);
-        quantize_row(rotated, g, range, symmetric, clip, false, 1, s + r * g.groups, z + r * g.groups, inside.data());
+        uint8_t* bits = m + r * mask_row_bytes;
+        bits[mask_row_bytes - 1] = 0;  // the padding bits past n read as 0
+        quantize_row(rotated, g, range, symmetric, clip, false, 1, s + r * g.groups, z + r * g.groups, bits);
         store_row(rotated, g.n, dst + r * g.n);
-        pack_bits(inside.data(), g.n, m + r * mask_row_bytes);
       }
     });
   });
@@ -360,10 +350,8 @@ at::Tensor rotate_fake_quantize_backward_cpu(const at::Tensor& grad, const at::T
     at::parallel_for(0, dy.size(0), row_grain(n), [&](int64_t r0, int64_t r1) {
       std::vector<acc_t> buf(n), tmp(k > 1 ? n : 0);
       for (int64_t r = r0; r < r1; ++r) {
-        const uint8_t* bits = m + r * mask_row_bytes;
-        for (int64_t i = 0; i < n; ++i)
-          buf[i] = ((bits[i >> 3] >> (i & 7)) & 1) ? static_cast<acc_t>(gp[r * dy.stride(0) + i * dy.stride(1)])
-                                                   : acc_t(0);
+        load_row(gp + r * dy.stride(0), dy.stride(1), n, buf.data());
+        cpu::active_kernels().apply_mask_bits(elem_of<acc_t>(), buf.data(), n, m + r * mask_row_bytes);
         store_row(rot.apply(buf.data(), tmp.data(), true), n, dst + r * n);
       }
     });

@@ -57,12 +57,15 @@ struct Kernels {
   // Quantizers (formulas in include/ftcore/quant.h) on len values in the accumulation type.
   // lo = min, hi = max of v; or hi = max |v| when symmetric (lo untouched).
   void (*group_range)(Elem acc, const void* v, int64_t len, bool symmetric, float* lo, float* hi);
-  // In place: v = (clamp(round(v / scale) + zero, qmin, qmax) - zero) · scale; inside[i] = 1 where the level
-  // was within [qmin, qmax], else 0 (when inside is not null).
+  // In place: v = (clamp(round(v / scale) + zero, qmin, qmax) - zero) · scale. With `bits` (a row's packed
+  // mask, element i in bit i % 8 of byte i / 8), sets the bits of elements [bit0, bit0 + len) to whether the
+  // level was within [qmin, qmax].
   void (*fake_quant)(Elem acc, void* v, int64_t len, float scale, float zero, float qmin, float qmax,
-                     uint8_t* inside);
+                     uint8_t* bits, int64_t bit0);
   // In place on g: zero where round(v / scale) + zero falls outside [qmin, qmax] (the straight-through mask).
   void (*ste_mask)(Elem acc, const void* v, int64_t len, float scale, float zero, float qmin, float qmax, void* g);
+  // In place on g: zero where the bit of the packed mask (element i in bit i % 8 of byte i / 8) is 0.
+  void (*apply_mask_bits)(Elem acc, void* g, int64_t len, const uint8_t* bits);
 };
 
 // Panel widths (tokens per chunk) the inner loops are compiled for: compile-time widths let the compiler keep

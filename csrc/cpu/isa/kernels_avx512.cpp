@@ -8,13 +8,16 @@
 #include "kernels.h"
 
 #if FTCORE_CPU_MULTI_ISA
+#include <immintrin.h>  // before the pragma, like the standard headers; used by the AVX-512-only paths
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
 
 namespace ftcore::cpu {
 namespace avx512 {
 #define FTCORE_ISA_NAME "avx512"
+#define FTCORE_ISA_AVX512 1  // the target pragma does not define __AVX512F__
 #include "kernels_impl.inc"
+#undef FTCORE_ISA_AVX512
 #undef FTCORE_ISA_NAME
 }  // namespace avx512
 
