@@ -231,9 +231,9 @@ def _group_size(granularity: str, group_size: Optional[int]) -> int:
     return _GRANULARITY[granularity]
 
 
-def _check_bits(bits) -> int:
+def _check_bits(bits, name: str = "bits") -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"bits must be an integer in [2, 8], got {bits!r}")
+        raise ValueError(f"{name} must be an integer in [2, 8], got {bits!r}")
     return bits
 
 

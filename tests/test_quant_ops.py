@@ -7,7 +7,6 @@ import pytest
 import scipy.linalg
 import torch
 
-import ftcore
 from ftcore import hadamard, ops, reference
 
 from conftest import FLOAT_DTYPES, assert_close

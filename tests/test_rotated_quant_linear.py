@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-import ftcore
 from ftcore import ops
 from ftcore.nn import quant as quant_module
 from ftcore.nn import Int4Linear, RotatedQuantLinear

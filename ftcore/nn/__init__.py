@@ -11,4 +11,7 @@ __all__ = [
     "StructuredSparseLinear",
     "RotatedQuantLinear",
     "Int4Linear",
-    "GradientProbe", "is_linear_like", "logical_weight"]
+    "GradientProbe",
+    "is_linear_like",
+    "logical_weight",
+]

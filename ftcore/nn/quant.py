@@ -23,12 +23,6 @@ from ..hadamard import hadamard_factors, random_signs
 __all__ = ["RotatedQuantLinear", "Int4Linear"]
 
 
-def _check_bits(name: str, bits: Optional[int]) -> Optional[int]:
-    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8):
-        raise ValueError(f"{name} must be an integer in [2, 8] or None (no quantization), got {bits!r}")
-    return bits
-
-
 def _granularity(name: str, group_size: Optional[int], per_row: str) -> tuple:
     """(granularity, group_size) for ops.fake_quantize: groups of group_size, else one scale per row."""
     if group_size is None:
@@ -95,15 +89,14 @@ class RotatedQuantLinear(nn.Module):
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.w_bits = _check_bits("w_bits", w_bits)
-        if w_bits is None:
-            raise ValueError("w_bits must be an integer in [2, 8] (this layer always fake-quantizes its weight)")
+        self.w_bits = ops._check_bits(w_bits, "w_bits")  # the weight is always fake-quantized
         self.w_granularity, self.w_group_size = _granularity("w_group_size", w_group_size, "channel")
         if w_group_size is not None and in_features % w_group_size:
             raise ValueError(f"w_group_size ({w_group_size}) must divide in_features ({in_features})")
         self.w_symmetric, self.w_clip_ratio = w_symmetric, w_clip_ratio
         self.quantizer = _Quantizer(
-            in_features, _check_bits("a_bits", a_bits), a_group_size, a_symmetric, a_clip_ratio, online_rotation
+            in_features, None if a_bits is None else ops._check_bits(a_bits, "a_bits"), a_group_size, a_symmetric,
+            a_clip_ratio, online_rotation
         )
         if online_rotation:
             hadamard_factors(in_features)  # a clear error now for a size with no Hadamard matrix
