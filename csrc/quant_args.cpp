@@ -60,6 +60,53 @@ int64_t check_hadamard_args(const at::Tensor& x, const std::optional<at::Tensor>
   return k;
 }
 
+void check_grad_like(const at::Tensor& grad, const at::Tensor& input, const char* op) {
+  check_floating(grad, op, "grad");
+  check_same_dtype(grad, input, op, "grad", "input");
+  check_same_device(grad, input, op, "grad", "input");
+  TORCH_CHECK_VALUE(grad.sizes() == input.sizes(), op, ": grad ", grad.sizes(), " and input ", input.sizes(),
+                    " must have one shape");
+}
+
+Grouping check_rotate_quant_args(const at::Tensor& input, const std::optional<at::Tensor>& hadamard_k,
+                                 const std::optional<at::Tensor>& signs, int64_t bits, int64_t group_size,
+                                 double clip_ratio, int64_t& k) {
+  constexpr const char* op = "rotate_fake_quantize";
+  k = check_hadamard_args(input, hadamard_k, signs, op);
+  TORCH_CHECK_VALUE(group_size >= 0, op, ": group_size must be 0 (per token) or a group length, got ", group_size,
+                    " (a whole-tensor scale would need the rotated tensor twice)");
+  return check_quant_args(input, bits, group_size, clip_ratio, op);
+}
+
+Grouping check_quantize_int4_args(const at::Tensor& weight, int64_t group_size, double clip_ratio) {
+  constexpr const char* op = "quantize_int4";
+  check_floating(weight, op, "weight");
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) % 2 == 0, op,
+                    ": weight must be 2-D (out, in) with an even in_features, got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(group_size >= 0, op, ": group_size must be 0 (per output channel) or positive, got ",
+                    group_size);
+  return check_quant_args(weight, 4, group_size, clip_ratio, op, "weight");
+}
+
+std::vector<int64_t> check_pack_int4_args(const at::Tensor& codes) {
+  constexpr const char* op = "pack_int4";
+  TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, op, ": codes must be uint8, got ", codes.scalar_type());
+  check_min_dim(codes, 1, op, "codes");
+  TORCH_CHECK_VALUE(codes.size(-1) % 2 == 0, op, ": the last dim of codes must be even, got shape ", codes.sizes());
+  auto sizes = codes.sizes().vec();
+  sizes.back() /= 2;
+  return sizes;
+}
+
+std::vector<int64_t> check_unpack_int4_args(const at::Tensor& packed) {
+  constexpr const char* op = "unpack_int4";
+  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, op, ": packed must be uint8, got ", packed.scalar_type());
+  check_min_dim(packed, 1, op, "packed");
+  auto sizes = packed.sizes().vec();
+  sizes.back() *= 2;
+  return sizes;
+}
+
 void check_mask(const at::Tensor& mask, const at::Tensor& grad, const char* op) {
   TORCH_CHECK_TYPE(mask.scalar_type() == at::kByte, op, ": mask must be uint8, got ", mask.scalar_type());
   check_same_device(mask, grad, op, "mask", "grad");

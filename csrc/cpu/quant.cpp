@@ -140,14 +140,6 @@ void whole_tensor_params(const at::Tensor& x, QuantRange range, bool symmetric, 
   quant_params(lo, symmetric ? std::max(std::abs(lo), std::abs(hi)) : hi, range, symmetric, clip, s, z);
 }
 
-void check_grad_like(const at::Tensor& grad, const at::Tensor& input, const char* op) {
-  check_floating(grad, op, "grad");
-  check_same_dtype(grad, input, op, "grad", "input");
-  check_same_device(grad, input, op, "grad", "input");
-  TORCH_CHECK_VALUE(grad.sizes() == input.sizes(), op, ": grad ", grad.sizes(), " and input ", input.sizes(),
-                    " must have one shape");
-}
-
 }  // namespace
 
 at::Tensor hadamard_transform_cpu(const at::Tensor& input, const std::optional<at::Tensor>& hadamard_k,
@@ -291,10 +283,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rotate_fake_quantize_
     const at::Tensor& input, const std::optional<at::Tensor>& hadamard_k, const std::optional<at::Tensor>& signs,
     double scale, int64_t bits, bool symmetric, int64_t group_size, double clip_ratio) {
   constexpr const char* op = "rotate_fake_quantize";
-  const int64_t k = check_hadamard_args(input, hadamard_k, signs, op);
-  TORCH_CHECK_VALUE(group_size >= 0, op, ": group_size must be 0 (per token) or a group length, got ", group_size,
-                    " (a whole-tensor scale would need the rotated tensor twice)");
-  const Grouping g = check_quant_args(input, bits, group_size, clip_ratio, op);
+  int64_t k;
+  const Grouping g = check_rotate_quant_args(input, hadamard_k, signs, bits, group_size, clip_ratio, k);
   const QuantRange range = quant_range(bits, symmetric);
   const float clip = static_cast<float>(clip_ratio);
   auto fopts = input.options().dtype(at::kFloat);
@@ -364,12 +354,7 @@ at::Tensor rotate_fake_quantize_backward_cpu(const at::Tensor& grad, const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4_cpu(const at::Tensor& weight, int64_t group_size,
                                                                  bool symmetric, double clip_ratio) {
   constexpr const char* op = "quantize_int4";
-  check_floating(weight, op, "weight");
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) % 2 == 0, op,
-                    ": weight must be 2-D (out, in) with an even in_features, got shape ", weight.sizes());
-  TORCH_CHECK_VALUE(group_size >= 0, op, ": group_size must be 0 (per output channel) or positive, got ",
-                    group_size);
-  const Grouping g = check_quant_args(weight, 4, group_size, clip_ratio, op, "weight");
+  const Grouping g = check_quantize_int4_args(weight, group_size, clip_ratio);
   const QuantRange range = quant_range(4, symmetric);
   const float clip = static_cast<float>(clip_ratio), code_offset = symmetric ? 8.f : 0.f;
   auto packed = at::empty({g.rows, g.n / 2}, weight.options().dtype(at::kByte));
@@ -408,16 +393,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4_cpu(const at::Tenso
 
 at::Tensor pack_int4_cpu(const at::Tensor& codes) {
   constexpr const char* op = "pack_int4";
-  TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, op, ": codes must be uint8, got ", codes.scalar_type());
-  check_min_dim(codes, 1, op, "codes");
-  TORCH_CHECK_VALUE(codes.size(-1) % 2 == 0, op, ": the last dim of codes must be even, got shape ", codes.sizes());
+  const auto sizes = check_pack_int4_args(codes);
   auto c = codes.contiguous();
   const uint8_t* src = c.data_ptr<uint8_t>();
   for (int64_t i = 0; i < c.numel(); ++i)
     TORCH_CHECK_VALUE(src[i] <= 15, op, ": codes must be in [0, 15], found ", static_cast<int>(src[i]),
                       " at flat position ", i);
-  auto sizes = codes.sizes().vec();
-  sizes.back() /= 2;
   auto out = at::empty(sizes, c.options());
   uint8_t* dst = out.data_ptr<uint8_t>();
   at::parallel_for(0, out.numel(), 65536, [&](int64_t a, int64_t b) {
@@ -427,12 +408,8 @@ at::Tensor pack_int4_cpu(const at::Tensor& codes) {
 }
 
 at::Tensor unpack_int4_cpu(const at::Tensor& packed) {
-  constexpr const char* op = "unpack_int4";
-  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, op, ": packed must be uint8, got ", packed.scalar_type());
-  check_min_dim(packed, 1, op, "packed");
+  const auto sizes = check_unpack_int4_args(packed);
   auto p = packed.contiguous();
-  auto sizes = packed.sizes().vec();
-  sizes.back() *= 2;
   auto out = at::empty(sizes, p.options());
   const uint8_t* src = p.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();

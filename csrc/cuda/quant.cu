@@ -62,6 +62,23 @@ struct SumOp {
   __device__ double operator()(double a, double b) const { return a + b; }
 };
 
+// (min, max) — or (unused, max |x|) when symmetric — of x[i · stride] for i in [begin, end), over the block.
+template <typename V>
+__device__ void block_range(const V* x, int64_t stride, int64_t begin, int64_t end, bool symmetric, float* scratch,
+                            float& lo, float& hi) {
+  lo = INFINITY, hi = symmetric ? 0.f : -INFINITY;
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    const float v = static_cast<float>(x[i * stride]);
+    if (symmetric) {
+      hi = fmaxf(hi, fabsf(v));
+    } else {
+      lo = fminf(lo, v), hi = fmaxf(hi, v);
+    }
+  }
+  hi = block_reduce(hi, MaxOp(), scratch);
+  if (!symmetric) lo = block_reduce(lo, MinOp(), scratch);
+}
+
 // Rotates the row in buf (shared) in place or into tmp (shared, K > 1); returns where the result is.
 // Ends with a barrier: the result is visible to the whole block.
 template <typename acc_t>
@@ -112,17 +129,8 @@ __device__ void quantize_row(const V* v, int64_t stride, int64_t group_size, int
     if (given) {
       s = scale[grp * given_stride], z = zero[grp * given_stride];
     } else {
-      float lo = INFINITY, hi = symmetric ? 0.f : -INFINITY;
-      for (int64_t i = threadIdx.x; i < group_size; i += blockDim.x) {
-        const float x = static_cast<float>(v[(base + i) * stride]);
-        if (symmetric) {
-          hi = fmaxf(hi, fabsf(x));
-        } else {
-          lo = fminf(lo, x), hi = fmaxf(hi, x);
-        }
-      }
-      hi = block_reduce(hi, MaxOp(), scratch);
-      if (!symmetric) lo = block_reduce(lo, MinOp(), scratch);
+      float lo, hi;
+      block_range(v, stride, base, base + group_size, symmetric, scratch, lo, hi);
       quant_params(lo, hi, range, symmetric, clip, s, z);
       if (threadIdx.x == 0) scale[grp] = s, zero[grp] = z;
     }
@@ -256,18 +264,8 @@ __global__ void quantize_int4_kernel(const scalar_t* __restrict__ w, int64_t rs,
   // Parameters first (written to global memory; the barrier in block_reduce and the one below make them
   // visible to the block), then the codes two columns a thread.
   for (int64_t grp = 0; grp < groups; ++grp) {
-    float lo = INFINITY, hi = symmetric ? 0.f : -INFINITY;
-    for (int64_t i = grp * group_size + threadIdx.x; i < (grp + 1) * group_size; i += blockDim.x) {
-      const float v = static_cast<float>(x[i * cs]);
-      if (symmetric) {
-        hi = fmaxf(hi, fabsf(v));
-      } else {
-        lo = fminf(lo, v), hi = fmaxf(hi, v);
-      }
-    }
-    hi = block_reduce(hi, MaxOp(), scratch);
-    if (!symmetric) lo = block_reduce(lo, MinOp(), scratch);
-    float s, z;
+    float lo, hi, s, z;
+    block_range(x, cs, grp * group_size, (grp + 1) * group_size, symmetric, scratch, lo, hi);
     quant_params(lo, hi, range, symmetric, clip, s, z);
     if (threadIdx.x == 0) scale[row * groups + grp] = s, zero[row * groups + grp] = static_cast<uint8_t>(z + offset);
   }
@@ -339,14 +337,6 @@ RotationArgs<acc_t> rotation_args(int64_t n, int64_t k, const std::optional<at::
     r.signs = s_keep.data_ptr<acc_t>();
   }
   return r;
-}
-
-void check_grad_like(const at::Tensor& grad, const at::Tensor& input, const char* op) {
-  check_floating(grad, op, "grad");
-  check_same_dtype(grad, input, op, "grad", "input");
-  check_same_device(grad, input, op, "grad", "input");
-  TORCH_CHECK_VALUE(grad.sizes() == input.sizes(), op, ": grad ", grad.sizes(), " and input ", input.sizes(),
-                    " must have one shape");
 }
 
 }  // namespace
@@ -445,10 +435,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rotate_fake_quantize_
     const at::Tensor& input, const std::optional<at::Tensor>& hadamard_k, const std::optional<at::Tensor>& signs,
     double scale, int64_t bits, bool symmetric, int64_t group_size, double clip_ratio) {
   constexpr const char* op = "rotate_fake_quantize";
-  const int64_t k = check_hadamard_args(input, hadamard_k, signs, op);
-  TORCH_CHECK_VALUE(group_size >= 0, op, ": group_size must be 0 (per token) or a group length, got ", group_size,
-                    " (a whole-tensor scale would need the rotated tensor twice)");
-  const Grouping g = check_quant_args(input, bits, group_size, clip_ratio, op);
+  int64_t k;
+  const Grouping g = check_rotate_quant_args(input, hadamard_k, signs, bits, group_size, clip_ratio, k);
   const at::cuda::OptionalCUDAGuard guard(input.device());
   auto fopts = input.options().dtype(at::kFloat);
   auto qscale = at::empty({g.rows, g.groups}, fopts), zero = at::empty({g.rows, g.groups}, fopts);
@@ -499,12 +487,7 @@ at::Tensor rotate_fake_quantize_backward_cuda(const at::Tensor& grad, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4_cuda(const at::Tensor& weight, int64_t group_size,
                                                                   bool symmetric, double clip_ratio) {
   constexpr const char* op = "quantize_int4";
-  check_floating(weight, op, "weight");
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) % 2 == 0, op,
-                    ": weight must be 2-D (out, in) with an even in_features, got shape ", weight.sizes());
-  TORCH_CHECK_VALUE(group_size >= 0, op, ": group_size must be 0 (per output channel) or positive, got ",
-                    group_size);
-  const Grouping g = check_quant_args(weight, 4, group_size, clip_ratio, op, "weight");
+  const Grouping g = check_quantize_int4_args(weight, group_size, clip_ratio);
   const at::cuda::OptionalCUDAGuard guard(weight.device());
   auto packed = at::empty({g.rows, g.n / 2}, weight.options().dtype(at::kByte));
   auto scale = at::empty({g.rows, g.groups}, weight.options().dtype(at::kFloat));
@@ -522,14 +505,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4_cuda(const at::Tens
 
 // Codes above 15 are checked by ftcore.ops.pack_int4 (one host sync); the kernel keeps the low nibble only.
 at::Tensor pack_int4_cuda(const at::Tensor& codes) {
-  constexpr const char* op = "pack_int4";
-  TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, op, ": codes must be uint8, got ", codes.scalar_type());
-  check_min_dim(codes, 1, op, "codes");
-  TORCH_CHECK_VALUE(codes.size(-1) % 2 == 0, op, ": the last dim of codes must be even, got shape ", codes.sizes());
+  const auto sizes = check_pack_int4_args(codes);
   const at::cuda::OptionalCUDAGuard guard(codes.device());
   const auto c = codes.contiguous();
-  auto sizes = codes.sizes().vec();
-  sizes.back() /= 2;
   auto out = at::empty(sizes, c.options());
   if (out.numel() == 0) return out;
   pack_int4_kernel<<<blocks_for(out.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
@@ -539,13 +517,9 @@ at::Tensor pack_int4_cuda(const at::Tensor& codes) {
 }
 
 at::Tensor unpack_int4_cuda(const at::Tensor& packed) {
-  constexpr const char* op = "unpack_int4";
-  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, op, ": packed must be uint8, got ", packed.scalar_type());
-  check_min_dim(packed, 1, op, "packed");
+  const auto sizes = check_unpack_int4_args(packed);
   const at::cuda::OptionalCUDAGuard guard(packed.device());
   const auto p = packed.contiguous();
-  auto sizes = packed.sizes().vec();
-  sizes.back() *= 2;
   auto out = at::empty(sizes, p.options());
   if (p.numel() == 0) return out;
   unpack_int4_kernel<<<blocks_for(p.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(

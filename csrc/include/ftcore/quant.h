@@ -98,6 +98,7 @@ FTCORE_HD acc_t fake_quant(acc_t x, float scale, float zero, QuantRange r) {
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <vector>
 
 namespace ftcore {
 
@@ -117,6 +118,22 @@ void check_scale(const at::Tensor& scale, const at::Tensor& like, const Grouping
 // on x's device). Returns K (1 without hadamard_k).
 int64_t check_hadamard_args(const at::Tensor& x, const std::optional<at::Tensor>& hadamard_k,
                             const std::optional<at::Tensor>& signs, const char* op);
+
+// grad: floating, the dtype, device and shape of input (the backward ops).
+void check_grad_like(const at::Tensor& grad, const at::Tensor& input, const char* op);
+
+// rotate_fake_quantize: the rotation's arguments and a per-token or per-group grouping. Returns the grouping and
+// sets k to the transform's K.
+Grouping check_rotate_quant_args(const at::Tensor& input, const std::optional<at::Tensor>& hadamard_k,
+                                 const std::optional<at::Tensor>& signs, int64_t bits, int64_t group_size,
+                                 double clip_ratio, int64_t& k);
+
+// quantize_int4: a floating 2-D weight with an even in_features, grouped per channel or per group.
+Grouping check_quantize_int4_args(const at::Tensor& weight, int64_t group_size, double clip_ratio);
+
+// pack_int4 codes (uint8, even last dim) / unpack_int4 packed bytes (uint8): the output shape.
+std::vector<int64_t> check_pack_int4_args(const at::Tensor& codes);
+std::vector<int64_t> check_unpack_int4_args(const at::Tensor& packed);
 
 // The STE mask of rotate_fake_quantize: uint8 (rows, ceil(n / 8)) on grad's device, for grad (..., n).
 void check_mask(const at::Tensor& mask, const at::Tensor& grad, const char* op);
