@@ -60,6 +60,18 @@ int64_t check_hadamard_args(const at::Tensor& x, const std::optional<at::Tensor>
   return k;
 }
 
+FakeQuantSetup setup_fake_quantize(const at::Tensor& input, const std::optional<at::Tensor>& scale, int64_t bits,
+                                   bool symmetric, int64_t group_size, double clip_ratio) {
+  constexpr const char* op = "fake_quantize";
+  const Grouping g = check_quant_args(input, bits, group_size, clip_ratio, op);
+  const int64_t rows = g.whole_tensor ? 1 : g.rows, groups = g.whole_tensor ? 1 : g.groups;
+  const auto fopts = input.options().dtype(at::kFloat);
+  if (!scale) return {g, at::empty({rows, groups}, fopts), at::zeros({rows, groups}, fopts)};
+  TORCH_CHECK_VALUE(symmetric, op, ": a given (learnable) scale needs symmetric quantization");
+  check_scale(*scale, input, g, op);
+  return {g, scale->contiguous().clone(), at::zeros({rows, groups}, fopts)};
+}
+
 void check_grad_like(const at::Tensor& grad, const at::Tensor& input, const char* op) {
   check_floating(grad, op, "grad");
   check_same_dtype(grad, input, op, "grad", "input");

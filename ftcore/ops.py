@@ -237,7 +237,8 @@ def _check_bits(bits, name: str = "bits") -> int:
     return bits
 
 
-def _rotation_args(x: Tensor, signs: Optional[Tensor]):
+def _rotation_args(x: Tensor, signs: Optional[Tensor], scale: Optional[float]):
+    """(H_K on x's device or None, signs on x's device, the scale: 1/√n unless given)."""
     from .hadamard import hadamard_factors, hadamard_k_on
 
     if not isinstance(x, Tensor):
@@ -250,7 +251,7 @@ def _rotation_args(x: Tensor, signs: Optional[Tensor]):
         if not isinstance(signs, Tensor) or signs.shape != (n,):
             raise ValueError(f"signs must be a tensor of shape ({n},), got {getattr(signs, 'shape', signs)}")
         signs = signs.to(x.device)
-    return n, hadamard_k_on(k, x.device), signs
+    return hadamard_k_on(k, x.device), signs, 1.0 / math.sqrt(n) if scale is None else float(scale)
 
 
 def hadamard_transform(
@@ -280,8 +281,7 @@ def hadamard_transform(
         y = hadamard_transform(x.unflatten(-1, (n // block_size, block_size)), scale, transpose=transpose)
         y = y.flatten(-2)
         return y * signs.to(y) if signs is not None and transpose else y
-    n, hadamard_k, signs = _rotation_args(x, signs)
-    scale = 1.0 / math.sqrt(n) if scale is None else float(scale)
+    hadamard_k, signs, scale = _rotation_args(x, signs, scale)
     return torch.ops.ftcore.hadamard_transform.default(x, hadamard_k, signs, scale, bool(transpose))
 
 
@@ -334,8 +334,7 @@ def rotate_fake_quantize(
     gs = _group_size(granularity, group_size)
     if gs < 0:
         raise ValueError("rotate_fake_quantize quantizes per token or per group, not per tensor")
-    n, hadamard_k, signs = _rotation_args(x, signs)
-    scale = 1.0 / math.sqrt(n) if scale is None else float(scale)
+    hadamard_k, signs, scale = _rotation_args(x, signs, scale)
     out, qscale, zero, _ = torch.ops.ftcore.rotate_fake_quantize.default(
         x, hadamard_k, signs, scale, _check_bits(bits), bool(symmetric), gs, float(clip_ratio)
     )

@@ -173,19 +173,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_cpu(const at::Tenso
                                                                   int64_t bits, bool symmetric, int64_t group_size,
                                                                   double clip_ratio) {
   constexpr const char* op = "fake_quantize";
-  const Grouping g = check_quant_args(input, bits, group_size, clip_ratio, op);
+  FakeQuantSetup setup = setup_fake_quantize(input, scale, bits, symmetric, group_size, clip_ratio);
+  const Grouping& g = setup.g;
+  at::Tensor &qscale = setup.scale, &zero = setup.zero;
   const QuantRange range = quant_range(bits, symmetric);
   const float clip = static_cast<float>(clip_ratio);
-  const int64_t srows = g.whole_tensor ? 1 : g.rows, sgroups = g.whole_tensor ? 1 : g.groups;
-  auto fopts = input.options().dtype(at::kFloat);
-  at::Tensor qscale, zero = at::zeros({srows, sgroups}, fopts);
-  if (scale) {
-    TORCH_CHECK_VALUE(symmetric, op, ": a given (learnable) scale needs symmetric quantization");
-    check_scale(*scale, input, g, op);
-    qscale = scale->contiguous().clone();
-  } else {
-    qscale = at::empty({srows, sgroups}, fopts);
-  }
   auto result = at::empty(input.sizes(), input.options());
   if (result.numel() == 0) return {result, qscale, zero};
   const bool given = scale.has_value() || g.whole_tensor;

@@ -119,6 +119,16 @@ void check_scale(const at::Tensor& scale, const at::Tensor& like, const Grouping
 int64_t check_hadamard_args(const at::Tensor& x, const std::optional<at::Tensor>& hadamard_k,
                             const std::optional<at::Tensor>& signs, const char* op);
 
+// fake_quantize's checked arguments and outputs before any arithmetic: the grouping, the scale tensor (a clone
+// of a given, learnable scale — symmetric only — or uninitialised) and zero points (zeros), (rows, groups) or
+// (1, 1) for the whole tensor.
+struct FakeQuantSetup {
+  Grouping g;
+  at::Tensor scale, zero;
+};
+FakeQuantSetup setup_fake_quantize(const at::Tensor& input, const std::optional<at::Tensor>& scale, int64_t bits,
+                                   bool symmetric, int64_t group_size, double clip_ratio);
+
 // grad: floating, the dtype, device and shape of input (the backward ops).
 void check_grad_like(const at::Tensor& grad, const at::Tensor& input, const char* op);
 
