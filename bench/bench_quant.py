@@ -12,6 +12,8 @@
 3. One training step (forward, backward, AdamW) of a down_proj-like RotatedQuantLinear (W4A4, online rotation)
    against nn.Linear of the same shape: 14336 → 4096 with 8192 tokens on a GPU; Qwen2.5-0.5B's 4864 → 896 with
    2048 tokens on a CPU.
+4. int4_linear (the exported layer, groups of 128) against dequantizing the whole weight then one matmul, and
+   against the dense matmul in the activation dtype, from decode (1 token) to prefill (2048 tokens).
 
 Targets (issue 4): CPU Hadamard >= 5x the butterfly; GPU >= 85% of copy bandwidth for n <= 8192 and at least as
 fast as fast-hadamard-transform; fused <= 0.6x the unfused pair; QAT step <= 1.3x the plain step.
@@ -157,6 +159,30 @@ def bench_qat_step(device, dtype, tokens, in_features, out_features, repeats):
     return row
 
 
+def bench_int4_linear(device, dtype, shapes, token_counts, repeats, group_size=128):
+    rows = []
+    for out_f, in_f in shapes:
+        w = torch.randn(out_f, in_f, device=device) / in_f**0.5
+        packed, scale, zero = ops.quantize_int4(w, group_size)
+        dense_w = ops.dequantize_int4(packed, scale, zero, group_size, dtype)
+        for tokens in token_counts:
+            x = torch.randn(tokens, in_f, device=device).to(dtype)
+            t = time_interleaved({
+                "int4_linear": lambda: ops.int4_linear(x, packed, scale, zero, group_size),
+                "dequantize_then_matmul": lambda: x @ ops.dequantize_int4(packed, scale, zero, group_size, dtype).t(),
+                "dense": lambda: x @ dense_w.t(),
+            }, repeats=repeats, device=device)
+            row = {"out": out_f, "in": in_f, "tokens": tokens, "ms": {name: t[name].median * 1e3 for name in t},
+                   "vs_dense": t["int4_linear"].median / t["dense"].median,
+                   "vs_dequantize_then_matmul": t["int4_linear"].median / t["dequantize_then_matmul"].median,
+                   "weight_bytes_int4": packed.numel() + scale.numel() * 4 + zero.numel(),
+                   "weight_bytes_dense": dense_w.numel() * dense_w.element_size()}
+            rows.append(row)
+            print(f"  {in_f}->{out_f}, {tokens:5d} tokens: int4_linear {row['ms']['int4_linear']:.3f} ms = "
+                  f"{row['vs_dense']:.2f}x dense, {row['vs_dequantize_then_matmul']:.2f}x dequantize-then-matmul", flush=True)
+    return rows
+
+
 def verdicts(device, had_rows, fused_rows, qat_row):
     checks = []
     if device.type == "cpu":
@@ -184,7 +210,17 @@ def verdicts(device, had_rows, fused_rows, qat_row):
     return checks
 
 
-def write_markdown(path, meta, had_rows, fused_rows, qat_row, checks):
+def int4_markdown(rows):
+    lines = ["| shape | tokens | int4_linear ms | dequantize + matmul ms | dense matmul ms | vs dense | vs dequantize + matmul |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ms = r["ms"]
+        lines.append(f"| {r['in']} → {r['out']} | {r['tokens']} | {ms['int4_linear']:.3f} | {ms['dequantize_then_matmul']:.3f} | "
+                     f"{ms['dense']:.3f} | {r['vs_dense']:.2f}x | {r['vs_dequantize_then_matmul']:.2f}x |")
+    return lines
+
+
+def write_markdown(path, meta, had_rows, fused_rows, qat_row, int4_rows, checks):
     lines = [f"# Rotations and quantizers: {meta['machine']}", "",
              f"`{meta['command']}`, {meta['date']}, torch {meta['torch']}, ftcore {meta['ftcore']}, {meta['dtype']}, "
              f"CPU kernels {meta['cpu_isa']}, {meta['threads']} threads.", "",
@@ -209,7 +245,9 @@ def write_markdown(path, meta, had_rows, fused_rows, qat_row, checks):
               "| shape | tokens | RotatedQuantLinear ms | nn.Linear ms | ratio | nn.Linear GEMM GFLOP/s |", "|---|---|---|---|---|---|",
               f"| {q['in']} → {q['out']} | {q['tokens']} | {q['ms']['rotated_quant']:.1f} | {q['ms']['linear']:.1f} | "
               f"{q['ratio']:.2f}x | {q['linear_gemm_GFLOP_per_s']:.0f} |",
-              "", "## Targets", "", "| target | met | measured |", "|---|---|---|"]
+              "", "## int4_linear (groups of 128) vs dequantizing the whole weight then a matmul, and the dense matmul", ""]
+    lines += int4_markdown(int4_rows)
+    lines += ["", "## Targets", "", "| target | met | measured |", "|---|---|---|"]
     lines += [f"| {name} | {'yes' if ok else 'NO'} | {value} |" for name, ok, value in checks]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -239,6 +277,8 @@ def main() -> None:
     print("QAT layer step:")
     qat_row = (bench_qat_step(device, dtype, 8192, 14336, 4096, repeats) if gpu
                else bench_qat_step(device, dtype, 2048, 4864, 896, repeats))
+    print("int4_linear:")
+    int4_rows = bench_int4_linear(device, dtype, [(4096, 14336)] if gpu else [(896, 4864)], [1, 16, 2048], repeats)
     checks = verdicts(device, had_rows, fused_rows, qat_row)
     print("\ntargets:")
     for name, ok, value in checks:
@@ -248,9 +288,9 @@ def main() -> None:
     os.makedirs(RESULTS, exist_ok=True)
     stem = os.path.join(RESULTS, f"quant-{meta['machine']}")
     with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "hadamard": had_rows, "fused": fused_rows, "qat_step": qat_row,
+        json.dump({"meta": meta, "hadamard": had_rows, "fused": fused_rows, "qat_step": qat_row, "int4_linear": int4_rows,
                    "targets": [{"target": n, "met": ok, "measured": v} for n, ok, v in checks]}, f, indent=2)
-    write_markdown(stem + ".md", meta, had_rows, fused_rows, qat_row, checks)
+    write_markdown(stem + ".md", meta, had_rows, fused_rows, qat_row, int4_rows, checks)
     print(f"\nwrote {stem}.json and .md")
 
 

@@ -75,16 +75,18 @@ def make_step(variant: str, out_f: int, in_f: int, density: float, tokens: int, 
     return step, (layer, x, g)
 
 
-def ceilings(device, dtype) -> dict:
-    """Copy bandwidth (bytes/s, read + write) and dense GEMM throughput (flop/s) on this machine, now."""
-    n = 64 * 2**20 // torch.tensor([], dtype=dtype).element_size()
+def ceilings(device, dtype, copy_bytes=64 << 20, gemm=(2048, 4096, 4096)) -> dict:
+    """Copy bandwidth (bytes/s, read + write) and dense GEMM throughput (flop/s, an (m, k) x (k, n) product of
+    random operands) on this machine, now."""
+    n = copy_bytes // torch.tensor([], dtype=dtype).element_size()
     a = torch.randn(n, device=device).to(dtype)
     b = torch.empty_like(a)  # preallocated: a clone would also time page faults
     t_copy = time_interleaved({"copy": lambda: b.copy_(a)}, repeats=5, device=device)["copy"].median
-    m = torch.randn(2048, 4096, device=device).to(dtype)
-    w = torch.randn(4096, 4096, device=device).to(dtype)
+    rows, inner, cols = gemm
+    m = torch.randn(rows, inner, device=device).to(dtype)
+    w = torch.randn(cols, inner, device=device).to(dtype)
     t_mm = time_interleaved({"mm": lambda: m @ w.t()}, repeats=5, device=device)["mm"].median
-    return {"copy_bytes_per_s": 2 * a.numel() * a.element_size() / t_copy, "gemm_flops": 2 * 2048 * 4096 * 4096 / t_mm}
+    return {"copy_bytes_per_s": 2 * a.numel() * a.element_size() / t_copy, "gemm_flops": 2 * rows * inner * cols / t_mm}
 
 
 def bench_grad(shapes, densities, tokens, dtype, device, repeats, ceil) -> list:

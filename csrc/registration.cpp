@@ -1,8 +1,10 @@
 // The one TORCH_LIBRARY(ftcore): every op's schema, declared once. Kernels register per device in cpu/ and
 // cuda/; fake (meta) impls and autograd formulas register from Python (ftcore/_fake.py, ftcore/_autograd.py).
 //
-// This file also makes ftcore/_C*.so an importable Python module (importing it runs the registrations above)
-// that reports what it was built with, so `import ftcore` can refuse a build made for another torch.
+// This file also makes ftcore/_C.abi3.so an importable Python module (importing it runs the registrations above)
+// that reports what it was built with, so `import ftcore` can refuse a build made for another torch. It uses only
+// CPython's limited API (Py_LIMITED_API, set by setup.py) and nothing of libtorch_python: one build loads into
+// every Python from 3.10 on, so an extension built here runs under another machine's Python with the same torch.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -97,13 +99,14 @@ PyObject* py_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(ftcore:
 PyObject* py_available_cpu_isas(PyObject*, PyObject*) {
   const auto names = ftcore::available_cpu_isas();
   PyObject* list = PyList_New(static_cast<Py_ssize_t>(names.size()));
+  if (!list) return nullptr;
   for (size_t i = 0; i < names.size(); ++i)
-    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), PyUnicode_FromString(names[i].c_str()));
+    PyList_SetItem(list, static_cast<Py_ssize_t>(i), PyUnicode_FromString(names[i].c_str()));
   return list;
 }
 
 PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
-  const char* name = PyUnicode_AsUTF8(arg);
+  const char* name = PyUnicode_AsUTF8AndSize(arg, nullptr);
   if (!name) return nullptr;
   return PyBool_FromLong(ftcore::set_cpu_isa(name));
 }

@@ -1,7 +1,9 @@
 """Measurement helpers shared by the benchmarks and the demo.
 
 * ``time_interleaved`` runs competing variants round-robin, so a noisy shared machine slows them alike, and
-  reports the median with the interquartile range.
+  reports the median with the interquartile range. On a GPU each sample is timed with CUDA events around
+  enough back-to-back calls to last about a millisecond, so the host's launch and synchronisation overhead
+  (tens of microseconds) does not pull the ratios of fast kernels towards 1.
 * ``PeakMemory`` reports the peak bytes above a baseline over a block: the CUDA allocator's statistics on a
   GPU; on the CPU the process's peak resident set (Linux VmHWM, reset through /proc/self/clear_refs), with
   glibc told to hand freed blocks straight back so the resident set follows live memory. CPU figures count
@@ -32,18 +34,32 @@ class Timing:
         return f"{self.median * 1e3:.2f} ms [{self.q1 * 1e3:.2f}, {self.q3 * 1e3:.2f}]"
 
 
+def _cuda_seconds(fn: Callable[[], None], calls: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / calls
+
+
 def time_interleaved(fns: Dict[str, Callable[[], None]], *, repeats: int = 7, warmup: int = 1, device="cpu") -> Dict[str, Timing]:
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     synchronize(device)
+    cuda = torch.device(device).type == "cuda"
+    # calls per sample on a GPU: enough for about 1 ms of device time (one call for anything slower)
+    calls = {name: max(1, min(1000, round(1e-3 / max(_cuda_seconds(fn, 1), 1e-7)))) for name, fn in fns.items()} if cuda else {}
     samples = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            synchronize(device)
+            if cuda:
+                samples[name].append(_cuda_seconds(fn, calls[name]))
+                continue
             start = time.perf_counter()
             fn()
-            synchronize(device)
             samples[name].append(time.perf_counter() - start)
     out = {}
     for name, s in samples.items():

@@ -11,12 +11,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and ftcore.cuda_kernels_available() else [])
+# FTCORE_TEST_DEVICES=cpu,cuda collects the CUDA cases on a machine without a GPU: the gpu-check dry run lists
+# them with --collect-only, so a renamed test or a broken import shows before a GPU is at hand.
+if os.environ.get("FTCORE_TEST_DEVICES"):
+    DEVICES = [d.strip() for d in os.environ["FTCORE_TEST_DEVICES"].split(",") if d.strip()]
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks every case that runs on a CUDA device `cuda`: `pytest -m cuda` is the GPU check's selection."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("device") == "cuda":
+            item.add_marker(pytest.mark.cuda)
 
 
 @pytest.fixture(params=ftcore._C.available_cpu_isas())
