@@ -379,9 +379,11 @@ def find_sanitizer() -> Optional[str]:
 
 SANITIZER_TOOLS = {
     # tool: (extra arguments, time limit). memcheck checks every kernel the smoke process launches (torch's
-    # too: ftcore's composite ops run through them); racecheck and synccheck look at ftcore's kernels only,
-    # the ones with shared memory and barriers of their own.
-    "memcheck": (["--tool", "memcheck", "--check-api-memory-access", "yes"], 120),
+    # too: ftcore's composite ops run through them), but not CUDA API return codes: torch probes features
+    # whose failures it expects, and ftcore's own API calls are checked in the code (C10_CUDA_CHECK), so a
+    # failing one fails the smoke run. racecheck and synccheck look at ftcore's kernels only, the ones with
+    # shared memory and barriers of their own.
+    "memcheck": (["--tool", "memcheck", "--report-api-errors", "no"], 120),
     "racecheck": (["--tool", "racecheck", "--racecheck-report", "all", "--kernel-name", "kns=ftcore"], 90),
     "synccheck": (["--tool", "synccheck", "--kernel-name", "kns=ftcore"], 60),
 }
@@ -423,7 +425,7 @@ def phase_sanitizer(ctx: Context) -> dict:
             continue
         seconds += r["seconds"]
         found = parse_sanitizer_text(tail(log, 200))
-        smoke_ok = "all ok" in tail(log, 60)
+        smoke_ok = "all ok" in tail(log, 100000)
         if r["timed_out"]:
             status = "timeout"
         elif found is not None and found["errors"] == 0 and r["rc"] == 0 and smoke_ok:
