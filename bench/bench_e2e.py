@@ -28,6 +28,7 @@ import json
 import os
 import statistics
 import sys
+import traceback
 import warnings
 from typing import Callable, Dict, Optional
 
@@ -239,10 +240,13 @@ def run(args, record: Callable[[dict], None] = lambda record: None) -> dict:
         try:
             rows[method] = measure(method, shapes, args.layers, args.batch, args.seq, device, dtype,
                                    warmup=args.warmup, steps=args.steps)
-        except torch.OutOfMemoryError as exc:
-            rows[method] = {"method": method, "error": f"out of memory: {str(exc).splitlines()[0]}"}
+        except Exception as exc:  # noqa: BLE001  (out of memory, or a library's error: report it, measure the rest)
+            traceback.print_exc()
+            what = "out of memory" if isinstance(exc, torch.OutOfMemoryError) else type(exc).__name__
+            rows[method] = {"method": method, "error": f"{what}: {(str(exc).splitlines() or [''])[0][:300]}"}
             gc.collect()
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         add_ratios_and_floors(rows, shapes, args.layers, args.batch * args.seq, meta["gemm_tflops"] * 1e12)
         row = rows[method]
         if "error" in row:

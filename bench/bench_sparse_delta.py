@@ -107,7 +107,8 @@ def bench_grad(shapes, densities, tokens, dtype, device, repeats, ceil) -> list:
                 repeats=repeats,
                 device=device,
             )
-            floor = max((x.numel() + g.numel()) * x.element_size() * 2 / ceil["copy_bytes_per_s"], 2 * k * tokens / ceil["gemm_flops"])
+            # reading X and G once (copy_bytes_per_s counts a copy's reads and writes), or k·N multiply-adds
+            floor = max((x.numel() + g.numel()) * x.element_size() / ceil["copy_bytes_per_s"], 2 * k * tokens / ceil["gemm_flops"])
             rows.append(
                 {
                     "shape": f"{out_f}x{in_f}", "density": density, "k": k,

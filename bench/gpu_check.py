@@ -42,15 +42,18 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 import zipfile
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
+STARTED = time.monotonic()  # a run's budget counts from the script's start: imports and CUDA start-up are part of it
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
 PREBUILT = os.path.join(ROOT, ".gpu-prebuilt")
 EXTENSION = "_C.abi3.so"
 LOG_LIMIT = 4 << 20  # bytes a log keeps (its head and tail) so that every file can come back from the machine
+POLL_S = 15  # while a phase runs, its report and logs are rewritten and copied to $OUT this often
 SUFFIXES = [".md", ".json", "-pytest.txt", "-memcheck.log", "-racecheck.log", "-synccheck.log", "-phases.log"]
 
 
@@ -133,16 +136,24 @@ class Context:
     dry: bool
     results_dir: str
     stem: str  # results path without suffix
-    deadline: float
+    deadline: float  # of the whole run
     meta: dict
     record: dict = field(default_factory=dict)
     build_ok: bool = True
+    phase_deadline: float = float("inf")  # the run's deadline less the time kept for the phases after this one
+    phases: List[dict] = field(default_factory=list)  # the report's rows
+    current: Optional[dict] = None  # the row of the phase that runs now
 
     def path(self, suffix: str) -> str:
         return self.stem + suffix
 
     def remaining(self) -> float:
-        return self.deadline - time.monotonic()
+        return min(self.deadline, self.phase_deadline) - time.monotonic()
+
+    def progress(self) -> None:
+        """Rewrites the report and copies everything to $OUT: a run cut off now keeps what it has."""
+        write_report(self, self.phases)
+        copy_out(self)
 
 
 WHEELS = os.path.join(PREBUILT, "wheels")
@@ -175,9 +186,30 @@ def child_env() -> dict:
     return env
 
 
-def run_command(ctx: Context, cmd: List[str], limit: float, log: str, env: Optional[dict] = None) -> dict:
-    """Runs cmd with its output appended to `log`, killing its whole process group past min(limit, the run's
-    remaining time). Returns rc, seconds and whether it timed out."""
+# A process group of its own (killable with everything it started) but the caller's session: the device
+# machine ends a command's leftover processes when it returns, except those that started a session of their own.
+NEW_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+
+
+def stop(proc: subprocess.Popen) -> Optional[int]:
+    """SIGTERM to the whole process group, SIGKILL 5 s later if anything is left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=5)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    return proc.returncode
+
+
+def run_command(ctx: Context, cmd: List[str], limit: float, log: str, env: Optional[dict] = None,
+                poll: Optional[Callable[[], None]] = None) -> dict:
+    """Runs cmd with its output appended to `log`, killing its process group past min(limit, the time the phase
+    has left); every POLL_S seconds calls `poll` and saves the report. Returns rc, seconds, timed_out."""
     if ctx.remaining() < 5:
         raise OutOfTime()
     limit = min(limit, ctx.remaining())
@@ -185,24 +217,24 @@ def run_command(ctx: Context, cmd: List[str], limit: float, log: str, env: Optio
         out.write(f"\n$ {' '.join(cmd)}   (limit {limit:.0f} s)\n")
         out.flush()
         start = time.monotonic()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env or child_env(), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env or child_env(), stdout=out, stderr=subprocess.STDOUT, **NEW_GROUP)
+        timed_out = False
         try:
-            rc = proc.wait(timeout=limit)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            for sig in (signal.SIGTERM, signal.SIGKILL):
+            while True:
                 try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=10)
+                    rc = proc.wait(timeout=max(0.1, min(POLL_S, start + limit - time.monotonic())))
                     break
                 except subprocess.TimeoutExpired:
-                    continue
-            rc = proc.returncode
+                    if time.monotonic() >= start + limit:
+                        timed_out = True
+                        rc = stop(proc)
+                        break
+                    if poll is not None:
+                        poll()
+                    ctx.progress()
+        except BaseException:  # interrupted (the device's time limit): nothing of ours outlives the run
+            stop(proc)
+            raise
         seconds = time.monotonic() - start
         out.write(f"[exit {rc}{', killed at its time limit' if timed_out else ''} after {seconds:.1f} s]\n")
     return {"rc": rc, "seconds": seconds, "timed_out": timed_out}
@@ -265,6 +297,7 @@ class Phase:
     needs_gpu: bool
     fn: PhaseFn
     would_run: str  # what it runs, for the table
+    reserve_s: float  # kept for this phase: the phases before it may not run into it
 
 
 def import_check_code(cuda: bool) -> str:
@@ -296,7 +329,8 @@ def phase_build(ctx: Context) -> dict:
     target = os.path.join(ROOT, "ftcore", EXTENSION)
     seconds = 0.0
     if why_not is None:
-        shutil.copyfile(os.path.join(PREBUILT, EXTENSION), target)
+        shutil.copyfile(os.path.join(PREBUILT, EXTENSION), target + ".tmp")
+        os.replace(target + ".tmp", target)  # never rewrite in place a file a process may have mapped
         r = run_command(ctx, [sys.executable, "-c", import_check_code(cuda=True)], 120, log)
         seconds += r["seconds"]
         if r["rc"] == 0:
@@ -330,15 +364,21 @@ def parse_pytest_counts(text: str) -> Dict[str, int]:
             for n, what in PYTEST_COUNTS.findall(line)}
 
 
+XDIST_WORKERS = 4
+
+
 def pytest_command(dry: bool) -> List[str]:
     cmd = [sys.executable, "-m", "pytest", "tests", "-m", "cuda", "-q", "-rfE", "-p", "no:cacheprovider"]
     if dry:
         return cmd + ["--collect-only"]
+    cmd[cmd.index("-q")] = "-v"  # every outcome streams to the log as it happens
     cmd += ["--maxfail=20"]
     if importlib.util.find_spec("pytest_timeout"):
-        cmd += ["--timeout=120"]
+        # thread method: a test stuck in a CUDA synchronisation cannot take a signal; the thread dumps the
+        # stacks and ends the worker, which xdist reports as crashed in that test and replaces
+        cmd += ["--timeout=120", "--timeout-method=thread"]
     if importlib.util.find_spec("xdist"):
-        cmd += ["-n", "4"]
+        cmd += ["-n", str(XDIST_WORKERS)]
     return cmd
 
 
@@ -347,6 +387,8 @@ def phase_tests(ctx: Context) -> dict:
     env = child_env()
     if ctx.dry:
         env["FTCORE_TEST_DEVICES"] = "cpu,cuda"  # collect the CUDA cases without a GPU
+    else:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 4) // XDIST_WORKERS))  # workers share the cores
     cmd = pytest_command(ctx.dry)
     r = run_command(ctx, cmd, 240, log, env)
     text = tail(log, 400)
@@ -387,19 +429,25 @@ SANITIZER_TOOLS = {
     "racecheck": (["--tool", "racecheck", "--racecheck-report", "all", "--kernel-name", "kns=ftcore"], 90),
     "synccheck": (["--tool", "synccheck", "--kernel-name", "kns=ftcore"], 60),
 }
-SANITIZER_SUMMARY = re.compile(r"(ERROR SUMMARY: (\d+) errors?|RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, (\d+) warnings?\))")
+RACECHECK_SUMMARY = re.compile(r"RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, (\d+) warnings?\)")
+ERROR_SUMMARY = re.compile(r"ERROR SUMMARY: (\d+) errors?")
 
 
 def parse_sanitizer_text(text: str) -> Optional[dict]:
-    """The last error summary compute-sanitizer printed (None: it printed none, e.g. the process crashed)."""
-    m = None
-    for m in SANITIZER_SUMMARY.finditer(text):
-        pass
-    if m is None:
-        return None
-    if m.group(2) is not None:
-        return {"errors": int(m.group(2)), "line": m.group(0)}
-    return {"errors": int(m.group(4)), "hazards": int(m.group(3)), "warnings": int(m.group(5)), "line": m.group(0)}
+    """The error summary compute-sanitizer printed last (None: it printed none, e.g. the process crashed)."""
+    race = list(RACECHECK_SUMMARY.finditer(text))
+    if race:
+        m = race[-1]
+        return {"errors": int(m.group(2)), "hazards": int(m.group(1)), "warnings": int(m.group(3)), "line": m.group(0)}
+    errors = list(ERROR_SUMMARY.finditer(text))
+    if errors:
+        return {"errors": int(errors[-1].group(1)), "line": errors[-1].group(0)}
+    return None
+
+
+# compute-sanitizer runs on some GPU machines and not others (refused on gVisor, seen here): say so, do not
+# report it as a kernel failure.
+SANITIZER_REFUSED = ("Device not supported", "Unable to find injection library", "Target application terminated before first instrumented API call")
 
 
 def phase_sanitizer(ctx: Context) -> dict:
@@ -417,17 +465,20 @@ def phase_sanitizer(ctx: Context) -> dict:
     for tool, (args, limit) in SANITIZER_TOOLS.items():
         log = ctx.path(f"-{tool}.log")
         try:
-            r = run_command(ctx, [sanitizer, "--error-exitcode", "97", "--print-limit", "50", *args, *smoke, "--device", "cuda"],
-                            limit, log, env)
+            r = run_command(ctx, [sanitizer, "--error-exitcode", "97", "--print-limit", "50", "--launch-timeout", "60",
+                                  *args, *smoke, "--device", "cuda"], limit, log, env)
         except OutOfTime:
             details[tool] = {"status": "skipped: out of time"}
             statuses.append("skipped: out of time")
             continue
         seconds += r["seconds"]
-        found = parse_sanitizer_text(tail(log, 200))
-        smoke_ok = "all ok" in tail(log, 100000)
+        text = tail(log, 100000)
+        found = parse_sanitizer_text(text)
+        smoke_ok = "all ok" in text
         if r["timed_out"]:
             status = "timeout"
+        elif not smoke_ok and any(s in text for s in SANITIZER_REFUSED):
+            status = "unavailable"  # the tool cannot instrument this machine
         elif found is not None and found["errors"] == 0 and r["rc"] == 0 and smoke_ok:
             status = "ok"
         else:
@@ -445,26 +496,40 @@ def child_phase(ctx: Context, name: str, limit: float) -> dict:
     if os.path.exists(out):
         os.remove(out)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--json", out] + (["--tiny"] if ctx.dry else [])
-    r = run_command(ctx, cmd, limit, ctx.path("-phases.log"))
+
+    def merge():  # what the child has measured so far goes into the report
+        if ctx.current is not None:
+            ctx.current["details"] = read_json(out)
+
+    try:
+        r = run_command(ctx, cmd, limit, ctx.path("-phases.log"), poll=merge)
+    finally:
+        merge()
     data = read_json(out)
     if os.path.exists(out):
         os.remove(out)
-    if r["rc"] == 0:
-        status = "skipped: no GPU" if ctx.dry else "ok"
-    else:
+    errors = [k for k, v in data.items() if isinstance(v, dict) and "error" in v]
+    errors += [k for k, v in data.get("rows", {}).items() if isinstance(v, dict) and "error" in v]
+    if r["rc"] != 0:
         status = "timeout" if r["timed_out"] else "failed"
+    elif errors:
+        status = "partial"
+    else:
+        status = "skipped: no GPU" if ctx.dry else "ok"
     done = ", ".join(data["rows"] if name == "e2e" and "rows" in data else (k for k in data if k != "meta")) or "nothing"
     summary = (f"ran on the CPU at tiny sizes: {done}" if ctx.dry and r["rc"] == 0 else
                f"measured: {done}" + ("" if r["rc"] == 0 else " (see -phases.log)"))
+    if errors:
+        summary += f"; errors in: {', '.join(errors)} (see -phases.log)"
     return {"status": status, "seconds": r["seconds"], "details": data, "summary": summary}
 
 
 PHASES = [
-    Phase("build", 480, False, phase_build, "load .gpu-prebuilt/ if it matches torch and sources, else setup.py build_ext --inplace"),
-    Phase("tests", 240, True, phase_tests, "pytest tests -m cuda --maxfail=20 --timeout=120 (-n 4 with xdist)"),
-    Phase("sanitizer", 270, True, phase_sanitizer, "compute-sanitizer memcheck / racecheck / synccheck on bench/gpu_smoke.py"),
-    Phase("bench", 150, True, lambda ctx: child_phase(ctx, "bench", 150), "ceilings, sparse-delta grad + step, Hadamard, fused, int4_linear, QAT step"),
-    Phase("e2e", 150, True, lambda ctx: child_phase(ctx, "e2e", 150), "bench_e2e.py: 8 Llama-3-8B layers, 2 x 2048 tokens, 4 methods"),
+    Phase("build", 480, False, phase_build, "load .gpu-prebuilt/ if it matches torch and sources, else setup.py build_ext --inplace", 0),
+    Phase("tests", 240, True, phase_tests, "pytest tests -m cuda --maxfail=20 --timeout=120 (-n 4 with xdist)", 90),
+    Phase("sanitizer", 200, True, phase_sanitizer, "compute-sanitizer memcheck / racecheck / synccheck on bench/gpu_smoke.py", 60),
+    Phase("bench", 150, True, lambda ctx: child_phase(ctx, "bench", 150), "ceilings, sparse-delta grad + step, Hadamard, fused, int4_linear, QAT step", 60),
+    Phase("e2e", 150, True, lambda ctx: child_phase(ctx, "e2e", 150), "bench_e2e.py: 8 Llama-3-8B layers, 2 x 2048 tokens, 4 methods", 75),
 ]
 
 
@@ -490,27 +555,33 @@ def bench_child(json_path: str, tiny: bool) -> None:
     reps = 1 if tiny else 5
     data: dict = {}
 
-    def measured(key, value):
-        data[key] = value
+    def measured(key, fn):
+        """One measurement; an error is recorded and the next one still runs."""
+        try:
+            data[key] = fn()
+        except Exception as exc:  # noqa: BLE001  (report it, measure the rest)
+            traceback.print_exc()
+            data[key] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         dump(json_path, data)
+        return data[key]
 
-    ceil = sparse.ceilings(device, dtype, *((1 << 20, (64, 64, 64)) if tiny else (1 << 30, (8192, 8192, 8192))))
-    measured("ceilings", ceil)
-    print(f"ceilings: copy {ceil['copy_bytes_per_s'] / 1e9:.0f} GB/s, GEMM {ceil['gemm_flops'] / 1e12:.1f} TFLOP/s", flush=True)
+    ceil = measured("ceilings", lambda: sparse.ceilings(device, dtype, *((1 << 20, (64, 64, 64)) if tiny else (1 << 30, (8192, 8192, 8192)))))
+    print(f"ceilings: {ceil}", flush=True)
     shapes = [(64, 128)] if tiny else [(4096, 4096), (4096, 14336)]
     densities = [0.01] if tiny else [0.001, 0.01, 0.05]
-    tokens = 64 if tiny else 2048
-    measured("sparse_delta_grad", sparse.bench_grad(shapes, densities, tokens, dtype, device, reps, ceil))
-    measured("sparse_delta_step", sparse.bench_step(shapes[:1], [0.01], tokens, dtype, device, reps))
+    tokens = 64 if tiny else 8192  # on a GPU: X and G (64 MB each at 4096) well past the L2 cache, as in training
+    measured("sparse_delta_grad", lambda: sparse.bench_grad(shapes, densities, tokens, dtype, device, reps, ceil))
+    measured("sparse_delta_step", lambda: sparse.bench_step(shapes[:1], [0.01], tokens, dtype, device, reps))
     sizes = [256, 768] if tiny else [1024, 2048, 4096, 8192, 16384, 32768, 3584, 4864, 11008, 14336, 18944]
-    measured("hadamard", quant.bench_hadamard(device, dtype, (1 if tiny else 256) << 20, reps, sizes))
-    measured("fused", quant.bench_fused(device, dtype, 32 if tiny else 8192, [256] if tiny else [4096, 4864, 14336], reps))
-    measured("int4_linear", quant.bench_int4_linear(device, dtype, [(64, 128)] if tiny else [(4096, 4096), (4096, 14336)],
-                                                    [1, 16] if tiny else [1, 16, 2048, 8192], reps))
-    measured("qat_step", quant.bench_qat_step(device, dtype, *((32, 128, 64) if tiny else (8192, 14336, 4096)), reps))
-    checks = sparse.verdicts(data["sparse_delta_grad"], data["sparse_delta_step"], []) + quant.verdicts(
-        device, data["hadamard"], data["fused"], data["qat_step"])
-    measured("targets", [{"target": n, "met": ok, "measured": v} for n, ok, v in checks])
+    measured("hadamard", lambda: quant.bench_hadamard(device, dtype, (1 if tiny else 256) << 20, reps, sizes))
+    measured("fused", lambda: quant.bench_fused(device, dtype, 32 if tiny else 8192, [256] if tiny else [4096, 4864, 14336], reps))
+    measured("int4_linear", lambda: quant.bench_int4_linear(device, dtype, [(64, 128)] if tiny else [(4096, 4096), (4096, 14336)],
+                                                            [1, 16] if tiny else [1, 16, 2048, 8192], reps))
+    measured("qat_step", lambda: quant.bench_qat_step(device, dtype, *((32, 128, 64) if tiny else (8192, 14336, 4096)), reps))
+    if all(isinstance(data.get(k), list) for k in ("sparse_delta_grad", "sparse_delta_step", "hadamard", "fused")) and "error" not in data["qat_step"]:
+        checks = sparse.verdicts(data["sparse_delta_grad"], data["sparse_delta_step"], []) + quant.verdicts(
+            device, data["hadamard"], data["fused"], data["qat_step"])
+        measured("targets", lambda: [{"target": n, "met": ok, "measured": v} for n, ok, v in checks])
 
 
 def e2e_child(json_path: str, tiny: bool) -> None:
@@ -531,19 +602,16 @@ def gpu_meta(dry: bool) -> dict:
     meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "python": sys.version.split()[0], "commit": git_commit(), "sources": source_digest(), "dry_run": dry,
             "command": "python3 bench/gpu_check.py " + " ".join(sys.argv[1:])}
-    try:
-        import ftcore  # noqa: F401  (only the version, when importable: the build phase reports failures)
-
-        meta["ftcore"] = ftcore.__version__
-    except ImportError:
-        meta["ftcore"] = None
+    # the version from its file: the runner itself never loads the extension, which the build phase replaces
+    with open(os.path.join(ROOT, "ftcore", "_version.py")) as f:
+        meta["ftcore"] = re.search(r"__version__ = \"(.+?)\"", f.read()).group(1)
     if not dry:
         props = torch.cuda.get_device_properties(0)
         meta.update(gpu=props.name, capability=list(torch.cuda.get_device_capability(0)), multiprocessors=props.multi_processor_count,
                     memory_gb=round(props.total_memory / 2**30, 1))
         try:
             smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,clocks.max.mem", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=20).stdout.strip()
+                                 capture_output=True, text=True, timeout=10).stdout.strip()
             meta["nvidia_smi"] = smi
         except (OSError, subprocess.SubprocessError):
             pass
@@ -554,38 +622,42 @@ def fmt(value, spec=".2f"):
     return format(value, spec) if isinstance(value, (int, float)) else "–"
 
 
+def table(title: str, columns: List[str], rows: list, cells: Callable[[dict], list]) -> List[str]:
+    """A markdown section: a heading, then one row a measurement."""
+    return ([f"### {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            + ["| " + " | ".join(str(c) for c in cells(r)) + " |" for r in rows] + [""])
+
+
 def bench_markdown(b: dict) -> List[str]:
-    lines = []
+    lines = [f"**{key}: not measured**, {value['error']}" for key, value in b.items() if isinstance(value, dict) and "error" in value]
+    lines += [""] if lines else []
+    b = {k: v for k, v in b.items() if not (isinstance(v, dict) and "error" in v)}
     if "ceilings" in b:
         c = b["ceilings"]
         lines += [f"Ceilings in this run: device copy {c['copy_bytes_per_s'] / 1e9:.0f} GB/s (read + write), dense GEMM "
                   f"{c['gemm_flops'] / 1e12:.1f} TFLOP/s.", ""]
     if b.get("sparse_delta_grad"):
-        lines += ["### Sparse-delta weight gradient vs dense-then-gather (target at 1%: >= 8x)", "",
-                  "| shape | density | ftcore ms | dense-then-gather ms | speedup | floor ms |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['shape']} | {r['density']:.1%} | {r['ftcore_ms']:.3f} | {r['dense_then_gather_ms']:.3f} | "
-                  f"{r['speedup']:.1f}x | {r['floor_ms']:.3f} |" for r in b["sparse_delta_grad"]]
-        lines.append("")
+        lines += table("Sparse-delta weight gradient vs dense-then-gather (target at 1%: >= 8x)",
+                       ["shape", "density", "ftcore ms", "dense-then-gather ms", "speedup", "floor ms"], b["sparse_delta_grad"],
+                       lambda r: [r["shape"], f"{r['density']:.1%}", f"{r['ftcore_ms']:.3f}", f"{r['dense_then_gather_ms']:.3f}",
+                                  f"{r['speedup']:.1f}x", f"{r['floor_ms']:.3f}"])
     if b.get("sparse_delta_step"):
-        lines += ["### One layer's training step (targets: <= 1.15x frozen, <= 0.75x full)", "",
-                  "| shape | density | sparse ms | frozen ms | full ms | vs frozen | vs full |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['shape']} | {r['density']:.1%} | {r['sparse_ms']:.3f} | {r['frozen_ms']:.3f} | {r['full_ms']:.3f} | "
-                  f"{r['vs_frozen']:.3f} | {r['vs_full']:.3f} |" for r in b["sparse_delta_step"]]
-        lines.append("")
+        lines += table("One layer's training step (targets: <= 1.15x frozen, <= 0.75x full)",
+                       ["shape", "density", "sparse ms", "frozen ms", "full ms", "vs frozen", "vs full"], b["sparse_delta_step"],
+                       lambda r: [r["shape"], f"{r['density']:.1%}", f"{r['sparse_ms']:.3f}", f"{r['frozen_ms']:.3f}",
+                                  f"{r['full_ms']:.3f}", f"{r['vs_frozen']:.3f}", f"{r['vs_full']:.3f}"])
     if b.get("hadamard"):
-        lines += ["### hadamard_transform vs clone (target: copy fraction >= 0.85 for n <= 8192)", "",
-                  "| n | K | rows | ftcore ms | GB/s | copy fraction | vs butterfly | vs dense | vs fast-hadamard-transform |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['n']} | {r['K']} | {r['rows']} | {r['ms']['ftcore']:.3f} | {r['GB_per_s']:.0f} | {r['copy_fraction']:.2f} | "
-                  f"{r['speedup_vs_butterfly']:.1f}x | {fmt(r.get('speedup_vs_dense'), '.1f')} | "
-                  f"{fmt(r.get('vs_fast_hadamard_transform'))} |" for r in b["hadamard"]]
-        lines.append("")
+        lines += table("hadamard_transform vs clone (target: copy fraction >= 0.85 for n <= 8192)",
+                       ["n", "K", "rows", "ftcore ms", "GB/s", "copy fraction", "speedup vs butterfly", "speedup vs dense", "speedup vs fast-hadamard-transform"],
+                       b["hadamard"],
+                       lambda r: [r["n"], r["K"], r["rows"], f"{r['ms']['ftcore']:.3f}", f"{r['GB_per_s']:.0f}", f"{r['copy_fraction']:.2f}",
+                                  f"{r['speedup_vs_butterfly']:.1f}x", fmt(r.get("speedup_vs_dense"), ".1f"),
+                                  fmt(r.get("vs_fast_hadamard_transform"))])
     if b.get("fused"):
-        lines += ["### Fused rotate + fake-quant vs the unfused pair (target <= 0.6x)", "",
-                  "| n | tokens | forward ratio | forward + backward ratio | fused fwd ms | fused fwd+bwd ms |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['n']} | {r['tokens']} | {r['forward_ratio']:.2f}x | {r['forward_backward_ratio']:.2f}x | "
-                  f"{r['ms']['fused']:.3f} | {r['ms']['fused_fb']:.3f} |" for r in b["fused"]]
-        lines.append("")
+        lines += table("Fused rotate + fake-quant vs the unfused pair (target <= 0.6x)",
+                       ["n", "tokens", "forward ratio", "forward + backward ratio", "fused fwd ms", "fused fwd+bwd ms"], b["fused"],
+                       lambda r: [r["n"], r["tokens"], f"{r['forward_ratio']:.2f}x", f"{r['forward_backward_ratio']:.2f}x",
+                                  f"{r['ms']['fused']:.3f}", f"{r['ms']['fused_fb']:.3f}"])
     if b.get("int4_linear"):
         sys.path.insert(0, BENCH)
         import bench_quant
@@ -596,9 +668,8 @@ def bench_markdown(b: dict) -> List[str]:
         lines += [f"QAT layer step {q['in']} → {q['out']}, {q['tokens']} tokens: RotatedQuantLinear {q['ms']['rotated_quant']:.2f} ms "
                   f"vs nn.Linear {q['ms']['linear']:.2f} ms = {q['ratio']:.2f}x (target <= 1.3x).", ""]
     if b.get("targets"):
-        lines += ["### Targets", "", "| target | met | measured |", "|---|---|---|"]
-        lines += [f"| {t['target']} | {'yes' if t['met'] else 'NO'} | {t['measured']} |" for t in b["targets"]]
-        lines.append("")
+        lines += table("Targets", ["target", "met", "measured"], b["targets"],
+                       lambda t: [t["target"], "yes" if t["met"] else "NO", t["measured"]])
     return lines
 
 
@@ -625,16 +696,18 @@ def write_report(ctx: Context, phases: List[dict]) -> None:
         lines += ["", "## compute-sanitizer", "", "| tool | status | summary | seconds |", "|---|---|---|---|"]
         for tool, d in san.items():
             lines.append(f"| {tool} | {d['status']} | {(d.get('summary') or {}).get('line', '–')} | {fmt(d.get('seconds'), '.0f')} |")
+    # A dry run renders its tiny CPU figures too (so CI exercises this report), labelled as such.
+    where = "CPU at tiny sizes, a dry run: not GPU figures" if m["dry_run"] else "bf16, short repeats"
     bench = by_name.get("bench", {}).get("details") or {}
-    if bench and not m["dry_run"]:
-        lines += ["", "## Microbenchmarks (bf16, short repeats)", ""] + bench_markdown(bench)
+    if bench:
+        lines += ["", f"## Microbenchmarks ({where})", ""] + bench_markdown(bench)
     e2e = by_name.get("e2e", {}).get("details") or {}
-    if e2e.get("rows") and not m["dry_run"]:
+    if e2e.get("rows"):
         sys.path.insert(0, BENCH)
         import bench_e2e
 
-        lines += ["", "## End to end: one training step (targets for S²FT: <= 0.7x full FT's time, <= 0.5x its memory, "
-                  "no slower than LoRA)", ""] + bench_e2e.markdown(e2e["meta"], e2e["rows"])
+        lines += ["", f"## End to end: one training step ({where}; targets for S²FT: <= 0.7x full FT's time, <= 0.5x its "
+                  "memory, no slower than LoRA)", ""] + bench_e2e.markdown(e2e["meta"], e2e["rows"])
     with open(ctx.path(".md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -645,7 +718,7 @@ def print_table(phases: List[dict]) -> None:
         print(f"| {p['name']} | {p['status']} | {fmt(p.get('seconds'), '.0f')} | {p.get('summary', '')} |")
 
 
-def main(argv=None) -> int:
+def main(argv=None, started: Optional[float] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="no GPU: the same phases, GPU work skipped or on tiny CPU shapes")
     parser.add_argument("--phases", nargs="+", choices=[p.name for p in PHASES], help="only these (build always runs)")
@@ -670,11 +743,11 @@ def main(argv=None) -> int:
         print("gpu_check: no CUDA device here: running the dry run (--dry-run)")
     meta = gpu_meta(dry)
     meta["carried_packages"] = unpack_carried_wheels()
-    name = "dry-run" if dry else meta["gpu"].replace(" ", "-")
+    name = "dry-run" if dry else re.sub(r"[^A-Za-z0-9._-]+", "-", meta["gpu"]).strip("-")  # names $OUT can return
     results_dir = args.results_dir or (os.path.join(ROOT, "build", "gpu-check-dry") if dry else os.path.join(BENCH, "results"))
     os.makedirs(results_dir, exist_ok=True)
     ctx = Context(dry=dry, results_dir=results_dir, stem=os.path.join(results_dir, f"gpu-check-{name}"),
-                  deadline=time.monotonic() + args.budget, meta=meta)
+                  deadline=(started or time.monotonic()) + args.budget, meta=meta)
     for suffix in SUFFIXES[2:]:  # fresh logs for this run
         if os.path.exists(ctx.path(suffix)):
             os.remove(ctx.path(suffix))
@@ -691,34 +764,39 @@ def main(argv=None) -> int:
 
 def run_phases(ctx: Context, args, dry: bool, meta: dict) -> int:
     wanted = set(args.phases or [p.name for p in PHASES]) | {"build"}
-    phases = [{"name": p.name, "status": "not run" if p.name not in wanted else "pending", "limit_s": p.limit_s,
-               "would_run": p.would_run} for p in PHASES]
+    ctx.phases = phases = [{"name": p.name, "status": "not run" if p.name not in wanted else "pending", "limit_s": p.limit_s,
+                            "would_run": p.would_run} for p in PHASES]
     print(f"gpu_check: {'dry run, ' if dry else ''}{meta.get('gpu', 'no GPU')}, torch {meta['torch']}, budget {args.budget:.0f} s; "
           f"results in {os.path.relpath(ctx.stem, ROOT)}.*", flush=True)
     try:
-        for phase, row in zip(PHASES, phases):
+        for i, (phase, row) in enumerate(zip(PHASES, phases)):
             if row["status"] == "not run":
                 continue
             if phase.needs_gpu and not ctx.build_ok:
                 row.update(status="skipped: build failed", summary="")
             else:
                 print(f"[{phase.name}] {phase.would_run}", flush=True)
+                # the phases still to come keep their reserve: a slow phase cannot starve the ones after it (the
+                # build is exempt: nothing after it runs without it)
+                later = sum(p.reserve_s for p, r in zip(PHASES[i + 1:], phases[i + 1:])
+                            if r["status"] == "pending") if phase.needs_gpu else 0.0
+                ctx.phase_deadline, ctx.current = ctx.deadline - later, row
                 try:
                     row.update(phase.fn(ctx))
                 except OutOfTime:
-                    row.update(status="skipped: out of time", summary=f"under 5 s of the {args.budget:.0f} s budget left")
+                    row.update(status="skipped: out of time",
+                               summary=f"under 5 s left of the {args.budget:.0f} s budget (less {later:.0f} s kept for later phases)")
+                ctx.phase_deadline, ctx.current = float("inf"), None
                 if phase.name == "build" and row["status"] != "ok":
                     ctx.build_ok = False
             row.setdefault("summary", "")
             print(f"[{phase.name}] {row['status']} ({fmt(row.get('seconds'), '.0f')} s): {row['summary']}", flush=True)
-            write_report(ctx, phases)
-            copy_out(ctx)
+            ctx.progress()
     except KeyboardInterrupt as exc:
         for row in phases:
             if row["status"] == "pending":
                 row.update(status="interrupted", summary=str(exc))
-        write_report(ctx, phases)
-        copy_out(ctx)
+        ctx.progress()
         raise
     print_table(phases)
     copied = copy_out(ctx)
@@ -730,4 +808,4 @@ def run_phases(ctx: Context, args, dry: bool, meta: dict) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(started=STARTED))

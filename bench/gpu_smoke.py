@@ -217,11 +217,14 @@ def run(device: torch.device) -> Dict[str, float]:
         if fn in done:
             continue
         done.add(fn)
+        print(f"  calling {name} ...", flush=True)
         got = fn(device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         group = "+".join(n for n, (f, _) in CALLS.items() if f is fn)
         results[group] = compare(group, mode, got, _reference(fn))
+        # printed as it goes: a run cut off under a sanitizer shows the group it was in
+        print(f"  {group}: ok (max |difference| {results[group]:.2e})", flush=True)
     return results
 
 
@@ -233,8 +236,6 @@ def main() -> None:
     if device.type == "cuda":
         assert ftcore.cuda_kernels_available(), "this ftcore build has no CUDA kernels"
     results = run(device)
-    for group, diff in results.items():
-        print(f"  {group}: ok (max |difference| {diff:.2e})")
     print(f"gpu_smoke: {len(CALLS)} ops called on {device}, {len(results)} groups, all ok")
 
 

@@ -23,6 +23,23 @@ def device(request):
     return request.param
 
 
+@pytest.fixture(autouse=True)
+def _cuda_errors_surface_in_their_test(request):
+    """After a CUDA case: synchronise, so an asynchronous kernel error fails the test that launched it. Such an
+    error poisons the process's CUDA context, so under xdist (make gpu-check) the worker then exits and xdist
+    starts a fresh one, instead of failing every later test on that worker."""
+    yield
+    if request.node.get_closest_marker("cuda") is None or not torch.cuda.is_available():
+        return
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError as exc:
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            print(f"\nCUDA error after {request.node.nodeid}: {exc}; ending this worker", flush=True)
+            os._exit(3)
+        raise
+
+
 def pytest_collection_modifyitems(config, items):
     """Marks every case that runs on a CUDA device `cuda`: `pytest -m cuda` is the GPU check's selection."""
     for item in items:

@@ -114,3 +114,41 @@ def test_carried_wheels_are_unpacked_only_where_missing(tmp_path, monkeypatch):
     assert gpu_check.unpack_carried_wheels() == ["ftcore_carried_probe"]
     assert (site / "ftcore_carried_probe" / "__init__.py").is_file() and not (site / "pytest").exists()
     assert str(site) in gpu_check.child_env()["PYTHONPATH"].split(os.pathsep)
+
+
+def test_an_interrupted_phase_takes_its_processes_along(tmp_path, monkeypatch):
+    """The device tool ends a command at its limit: whatever the phase started must end with it."""
+    monkeypatch.setattr(gpu_check, "POLL_S", 0.5)
+    ctx = _context(tmp_path)
+    pid_file = tmp_path / "pid"
+    code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+
+    def interrupt():
+        if pid_file.exists() and pid_file.read_text():
+            raise KeyboardInterrupt("signal 15")
+
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.run_command(ctx, [sys.executable, "-c", code], 30, str(tmp_path / "log"), poll=interrupt)
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"process {pid} outlived the interrupted phase")
+
+
+def test_a_failing_measurement_is_reported_and_the_rest_still_run(tmp_path, monkeypatch):
+    import bench_quant
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(bench_quant, "bench_fused", broken)
+    gpu_check.bench_child(str(tmp_path / "b.json"), tiny=True)
+    data = json.load(open(tmp_path / "b.json"))
+    assert data["fused"] == {"error": "RuntimeError: kernel exploded"}
+    assert isinstance(data["int4_linear"], list) and isinstance(data["qat_step"], dict) and "targets" not in data
+    assert "**fused: not measured**, RuntimeError: kernel exploded" in gpu_check.bench_markdown(data)
