@@ -151,9 +151,13 @@ class Context:
         return min(self.deadline, self.phase_deadline) - time.monotonic()
 
     def progress(self) -> None:
-        """Rewrites the report and copies everything to $OUT: a run cut off now keeps what it has."""
-        write_report(self, self.phases)
-        copy_out(self)
+        """Rewrites the report and copies everything to $OUT: a run cut off now keeps what it has. A failure
+        here is printed, never allowed to stop the phase that is measuring."""
+        try:
+            write_report(self, self.phases)
+            copy_out(self)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
 
 
 WHEELS = os.path.join(PREBUILT, "wheels")
