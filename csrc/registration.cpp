@@ -6,6 +6,8 @@
 // CPython's limited API (Py_LIMITED_API, set by setup.py) and nothing of libtorch_python: one build loads into
 // every Python from 3.10 on, so an extension built here runs under another machine's Python with the same torch.
 #include <Python.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "ftcore/cpu_isa.h"
@@ -90,6 +92,28 @@ TORCH_LIBRARY(ftcore, m) {
   m.def(
       "int4_linear(Tensor input, Tensor packed, Tensor scale, Tensor zero_point, int group_size, Tensor? bias) -> "
       "Tensor");
+}
+
+namespace {
+
+// The in-place ops write their first argument (declared Tensor(a!)). A C++ kernel does not tell autograd, so
+// this ADInplaceOrView kernel bumps the written tensor's version counter (shared with every view of it) after
+// the write: a weight saved for backward and rewritten before it makes backward raise ("modified by an
+// inplace operation") instead of computing a gradient from the new values.
+void bump_version_of_written(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const at::Tensor written = (*stack)[stack->size() - op.schema().arguments().size()].toTensor();
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  written.unsafeGetTensorImpl()->bump_version();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ftcore, ADInplaceOrView, m) {
+  m.impl("sparse_delta_scatter_", torch::CppFunction::makeFromBoxedFunction<&bump_version_of_written>());
+  m.impl("structured_block_scatter_", torch::CppFunction::makeFromBoxedFunction<&bump_version_of_written>());
 }
 
 namespace {

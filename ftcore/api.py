@@ -217,7 +217,10 @@ def compose(model: nn.Module, *adapters: str, scale: float = 1.0) -> nn.Module:
 @contextlib.contextmanager
 def disable(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes as its base (W0, no delta); on exit the deltas come back (also those
-    of an adapter switched to inside the block)."""
+    of an adapter switched to inside the block). No weight is written: a reference forward between a training
+    forward and its backward (KL, DPO, GRPO) leaves the weights that backward saved alone. A merged layer
+    subtracts the product of what its weight carries beyond W0 (read from the weight itself), so outputs equal
+    the base model's up to one rounding in the weight dtype."""
     for m in _layers_or_raise(model).values():
         m.disabled = True
     try:

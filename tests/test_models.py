@@ -125,8 +125,8 @@ def test_minilm_real_weights_train_and_round_trip(minilm, tmp_path):
         assert torch.equal(embed(reloaded, left), trained)
         merged = ftcore.merge(model)
         torch.testing.assert_close(embed(merged, left), trained)
-        with ftcore.disable(reloaded):
-            assert torch.equal(embed(reloaded, left), base_embedding)
+        with ftcore.disable(reloaded):  # the base model's output, computed without writing the merged weights
+            torch.testing.assert_close(embed(reloaded, left), base_embedding, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("merged", [True, False])

@@ -179,8 +179,8 @@ def test_disable_context_gives_base_outputs_then_restores():
     model = ftcore.apply(tiny_llama(), SparseDeltaConfig(density=0.05))
     train_steps(model)
     adapted = logits(model)
-    with ftcore.disable(model):
-        assert torch.equal(logits(model), logits(tiny_llama()))
+    with ftcore.disable(model):  # computed without writing the merged weights: equal up to float rounding
+        torch.testing.assert_close(logits(model), logits(tiny_llama()), rtol=1e-5, atol=1e-5)
     assert torch.equal(logits(model), adapted)
 
 

@@ -184,8 +184,8 @@ def test_apply_on_each_architecture(arch, tmp_path):
     adapted = output(model)
     ftcore.save_adapter(model, str(tmp_path))
     assert torch.equal(output(ftcore.load_adapter(tiny(arch), str(tmp_path))), adapted)
-    with ftcore.disable(model):
-        assert torch.equal(output(model), base_out)
+    with ftcore.disable(model):  # computed without writing the merged weights: equal up to float rounding
+        torch.testing.assert_close(output(model), base_out, rtol=1e-5, atol=1e-5)
     merged = ftcore.merge(model)
     assert not any(isinstance(m, StructuredSparseLinear) for m in merged.modules())
     torch.testing.assert_close(output(merged), adapted)

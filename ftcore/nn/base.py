@@ -15,6 +15,7 @@ import weakref
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -108,6 +109,12 @@ class DeltaLinear(nn.Module):
         """The layer's output (merged or not, per self.merged) with autograd reaching the delta."""
         raise NotImplementedError
 
+    def _subtract_merged_difference(self, y: Tensor, x: Tensor) -> Tensor:
+        """y minus x times (weight − W0): the difference the merged weight carries at the delta's positions,
+        taken from the weight itself (its rounded W0 + Δ) and the stored W0 values, so the result is the base
+        layer's output up to one rounding, whatever the weight dtype."""
+        raise NotImplementedError
+
     def adapter_record(self) -> Tuple[dict, Dict[str, Tensor]]:
         """What the adapter file keeps of this layer: JSON metadata and tensors named by adapter_tensors."""
         raise NotImplementedError
@@ -178,15 +185,24 @@ class DeltaLinear(nn.Module):
     # inside a graph is copied back whole).
     @torch.compiler.disable
     def _prepare_weight(self) -> None:
-        if self.merged and not self.disabled:
+        if self.disabled:
+            return  # a disabled forward never writes: a live graph may hold this weight (see _base_forward)
+        if self.merged:
             self.sync_merged()
         else:
             self.restore_base()
 
+    def _base_forward(self, x: Tensor) -> Tensor:
+        """The base layer's output (W0, no delta), computed without writing the weight: a reference forward
+        (KL, DPO, GRPO) between a training forward and its backward must leave the saved merged weight alone."""
+        if self._merged_version is None:
+            return self.base_layer(x)
+        return self._subtract_merged_difference(F.linear(x, self._weight(), self.bias), x)
+
     def forward(self, x: Tensor) -> Tensor:
         self._prepare_weight()
         if self.disabled:
-            return self.base_layer(x)
+            return self._base_forward(x)
         return self._delta_forward(x)
 
 

@@ -170,6 +170,10 @@ class SparseDeltaLinear(DeltaLinear):
         ops.sparse_delta_scatter_(weight, indices.to(weight.device), values.to(weight.device), alpha, None)
         self.base_values = ops.sparse_delta_gather(weight, self.indices)
 
+    def _subtract_merged_difference(self, y: Tensor, x: Tensor) -> Tensor:
+        difference = ops.sparse_delta_gather(self._weight(), self.indices).float() - self.base_values.float()
+        return y - ops.sparse_delta_linear(x, self.indices, difference, self.out_features).to(y.dtype)
+
     def _delta_forward(self, x: Tensor) -> Tensor:
         return _SparseDeltaLinearFunction.apply(
             x, self.values, self._weight(), self.base_layer.bias, self.indices, self.merged, self.probe

@@ -129,6 +129,12 @@ class StructuredSparseLinear(DeltaLinear):
     def _write_base(self) -> None:
         ops.structured_block_scatter_(self._weight(), self.index, self.block, 0.0, self.base_block, self.rows)
 
+    def _subtract_merged_difference(self, y: Tensor, x: Tensor) -> Tensor:
+        difference = ops.structured_block_gather(self._weight(), self.index, self.rows).float() - self.base_block.float()
+        if self.rows:
+            return y.index_add(-1, self.index, F.linear(x.float(), difference).to(y.dtype), alpha=-1)
+        return y - F.linear(ops.gather_columns(x, self.index).float(), difference).to(y.dtype)
+
     def _delta_forward(self, x: Tensor) -> Tensor:
         # Under no_grad (evaluation, generation) nothing is kept, so the compact slice is not even gathered.
         train_block = self.block.requires_grad and torch.is_grad_enabled()
