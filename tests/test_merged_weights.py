@@ -122,3 +122,199 @@ def test_any_rewrite_of_a_saved_weight_before_backward_raises(kind, write):
         layer.set_block(torch.tensor([0, 3]))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+# ---- 2. a change of Δ is seen whatever stepped it, once per optimizer step ------------------------------------
+
+
+class Writes:
+    """Counts the merged-weight refreshes of a layer."""
+
+    def __init__(self, layer):
+        self.count = 0
+        original = layer._write_merged
+
+        def counted():
+            self.count += 1
+            original()
+
+        layer._write_merged = counted
+
+
+def step_once(layer, optimizer, x):
+    layer(x).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_a_step_on_a_copy_of_the_delta_is_seen(kind):
+    """An engine that steps a flat copy of the delta and writes back through .data (DeepSpeed ZeRO-1/2): no
+    in-place op on the delta, no optimizer holding it; the gradient hook and the step count see it."""
+    make = LAYERS[kind]
+    layer, w0 = make(), base_weight(make)
+    x = torch.randn(3, 8)
+    flat = torch.zeros(layer.delta.numel())
+    layer.delta.data = flat.view_as(layer.delta)  # the parameter is a view of the engine's flat buffer
+    inner = torch.optim.SGD([flat], lr=1.0)
+    layer(x).sum().backward()
+    flat.grad = layer.delta.grad.flatten().clone()  # the engine moves the gradient to its flat partition
+    inner.step()  # steps `flat`, never the delta itself
+    assert layer.delta.detach().abs().sum() > 0
+    torch.testing.assert_close(layer(x), expected_output(layer, w0, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_a_no_grad_forward_between_backward_and_step_does_not_hide_the_step(kind):
+    make = LAYERS[kind]
+    layer, w0 = make(), base_weight(make)
+    opt = torch.optim.SGD([layer.delta], lr=0.5)
+    x = torch.randn(3, 8)
+    layer(x).sum().backward()
+    with torch.no_grad():
+        layer(x)  # logging / evaluation before the step
+    opt.step()
+    torch.testing.assert_close(layer(x), expected_output(layer, w0, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_two_forwards_before_one_backward_write_nothing_between_them(kind):
+    """DPO's chosen and rejected forwards (and checkpointing's recomputation): a refresh between them would
+    bump the saved weight's version and make backward raise."""
+    make = LAYERS[kind]
+    layer = make()
+    opt = torch.optim.AdamW([layer.delta], lr=0.1)
+    x1, x2 = torch.randn(3, 8), torch.randn(3, 8)
+    step_once(layer, opt, x1)
+    writes = Writes(layer)
+    loss = layer(x1).sum() - layer(x2).sum()
+    loss.backward()  # would raise if the weight had been rewritten between the forwards
+    assert writes.count == 1  # the step's one refresh, at the first forward
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_gradient_accumulation_refreshes_once_per_step(kind):
+    make = LAYERS[kind]
+    layer, w0 = make(), base_weight(make)
+    opt = torch.optim.AdamW([layer.delta], lr=0.1)
+    step_once(layer, opt, torch.randn(3, 8))
+    writes = Writes(layer)
+    for _ in range(2):
+        for _ in range(4):  # micro-batches
+            layer(torch.randn(3, 8)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(layer(x), expected_output(layer, w0, x), rtol=1e-5, atol=1e-5)
+    assert writes.count == 3  # once after each step: the first one and the two accumulated ones
+
+
+def test_an_optimizer_that_writes_raw_memory_is_seen():
+    """bitsandbytes' optimizers write the parameter from a kernel: no version bump. The step count sees it."""
+
+    class RawSGD(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {})
+
+        @torch.no_grad()
+        def step(self):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.data.sub_(p.grad)  # through .data: the parameter's version does not move
+
+    layer, w0 = sparse(), base_weight(sparse)
+    opt = RawSGD([layer.values])
+    x = torch.randn(3, 8)
+    version = layer.values._version
+    step_once(layer, opt, x)
+    assert layer.values._version == version
+    torch.testing.assert_close(layer(x), expected_output(layer, w0, x), rtol=1e-5, atol=1e-5)
+
+
+# ---- 3. state dicts, partial loads, copies and pickles keep W0 -------------------------------------------------
+
+
+def trained(make, steps=2):
+    layer = make()
+    opt = torch.optim.SGD([layer.delta], lr=0.5)
+    for _ in range(steps):
+        step_once(layer, opt, torch.randn(3, 8))
+    layer(torch.randn(3, 8))  # merged
+    return layer
+
+
+def test_a_trainable_only_load_with_moved_indices_keeps_w0():
+    """{indices, values} with strict=False, the PEFT habit, into a layer whose indices differ."""
+    w0 = base_weight(sparse)
+    source = trained(sparse)
+    source.set_delta(torch.tensor([10, 20, 30, 31]), torch.full((4,), 0.5))
+    state = {k: v for k, v in source.state_dict().items() if k in ("indices", "values")}
+    target = sparse()
+    target.set_delta(torch.tensor([0, 1, 2, 3]))
+    target(torch.randn(3, 8))
+    target.load_state_dict(state, strict=False)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(target(x), expected_output(target, w0, x), rtol=1e-5, atol=1e-5)
+    target.restore_base()
+    assert torch.equal(target.base_layer.weight, w0)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+@pytest.mark.parametrize("keys", ["all", "trainable", "weight_and_delta", "delta_only"])
+def test_every_partial_load_keeps_w0(kind, keys):
+    make = LAYERS[kind]
+    w0 = base_weight(make)
+    source = trained(make)
+    names = {
+        "all": None,
+        "trainable": (source.index_name, "values" if kind == "sparse" else "block"),
+        "weight_and_delta": ("base_layer.weight", "base_layer.bias", source.index_name, "values" if kind == "sparse" else "block"),
+        "delta_only": ("values" if kind == "sparse" else "block",),
+    }[keys]
+    state = {k: v.clone() for k, v in source.state_dict().items() if names is None or k in names}
+    if keys == "weight_and_delta":  # a weight without base values is taken as W0: give it W0
+        state["base_layer.weight"] = w0.clone()
+    target = trained(make, steps=1)
+    target.load_state_dict(state, strict=names is None)
+    target.restore_base()
+    assert torch.equal(target.base_layer.weight, w0)
+    torch.testing.assert_close(target.delta, source.delta)
+
+
+def test_a_weight_with_base_values_but_no_positions_is_refused():
+    source = trained(sparse)
+    state = {k: v for k, v in source.state_dict().items() if k != "indices"}
+    with pytest.raises(ValueError, match="cannot be told"):
+        sparse().load_state_dict(state, strict=False)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_copies_train_and_keep_w0(kind, how):
+    make = LAYERS[kind]
+    w0 = base_weight(make)
+    model = nn.Sequential(trained(make))
+    if how == "deepcopy":
+        copied = copy.deepcopy(model)
+    elif how == "pickle":
+        copied = pickle.loads(pickle.dumps(model))
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        copied = torch.load(buffer, weights_only=False)
+    layer = copied[0]
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(layer(x), model[0](x))
+    # the copy trains on its own, with an engine-style step its gradient hook must see
+    flat = torch.zeros(layer.delta.numel())
+    flat.copy_(layer.delta.detach().flatten())
+    layer.delta.data = flat.view_as(layer.delta)
+    inner = torch.optim.SGD([flat], lr=1.0)
+    layer(x).sum().backward()
+    flat.grad = layer.delta.grad.flatten().clone()
+    inner.step()
+    torch.testing.assert_close(layer(x), expected_output(layer, w0, x), rtol=1e-5, atol=1e-5)
+    layer.restore_base()
+    assert torch.equal(layer.base_layer.weight, w0)

@@ -2,16 +2,30 @@
 trainable delta, an ordinary fp32 ``nn.Parameter``, that either lives merged in the base weight (W0 + Δ, one
 GEMM a forward, the default) or beside it (unmerged: W0 exactly, the delta's product added).
 
-The base weight's own values under the delta are kept, so unmerging restores W0 bit for bit. While merged,
-the weight is refreshed from the delta before a forward whenever the delta may have changed: its version
-counter moved (any in-place op), or an optimizer stepped it (caught by a global optimizer hook, so optimizers
-that write raw memory, bitsandbytes' for one, are seen too). The refresh writes only the delta's positions.
-Writing ``delta.data`` by hand outside an optimizer is invisible to both: call ``refresh()`` after it.
+The contract, in one place (this class): the base weight holds either W0 exactly or W0 + Δ for one state of
+the delta, and only these transitions write it:
+
+* ``sync_merged`` (before a merged forward): W0 → merged(Δ), or merged(Δ_old) → merged(Δ), when the delta
+  changed since the weight took it;
+* ``restore_base`` (unmerge, unmerged mode, a new delta position, a state-dict load): merged → W0.
+
+Every write goes through ftcore's in-place ops, which bump the weight's version counter: a weight that
+backward saved and something rewrote makes backward raise, never compute a wrong gradient. A disabled
+(reference) forward writes nothing (``_base_forward``).
+
+A change of the delta is detected from the delta itself, in O(1) a forward, whatever stepped it:
+* its version counter or storage moved (any in-place update, ``.data`` replaced), or
+* a gradient reached it (a post-accumulate-grad hook) and some optimizer has stepped since: every
+  ``torch.optim`` optimizer counts (bitsandbytes', and those that engines such as DeepSpeed run on flat
+  copies and write back through ``.data``).
+So the weight is written once per optimizer step: not between two forwards before one backward (DPO's chosen
+and rejected, checkpointing's recomputation), not between the micro-batches of gradient accumulation, and a
+no-grad forward between backward and step (logging, evaluation) leaves the step to be seen at the next one.
+Writing ``delta.data`` by hand outside any optimizer and outside autograd is invisible: call ``refresh()``.
 
 Keep the delta in fp32: ``model.to(torch.bfloat16)`` after ``apply`` would cast the master copy too.
 """
 
-import weakref
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -44,21 +58,15 @@ def delta_dtype_for(weight: Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
-# Live layers by the id of their trainable Parameter, for the optimizer hook below.
-_LAYERS_BY_DELTA: "weakref.WeakValueDictionary[int, DeltaLinear]" = weakref.WeakValueDictionary()
+_optimizer_steps = 0  # optimizer steps taken in this process, by any torch.optim optimizer
 
 
-def _mark_stepped(optimizer, args, kwargs) -> None:
-    """After any optimizer step: the layers whose deltas it holds refresh their merged weight before the next
-    forward, even if the optimizer wrote the delta without moving its version counter."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            layer = _LAYERS_BY_DELTA.get(id(p))
-            if layer is not None and layer.delta is p:
-                layer.refresh()
+def _count_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
 
 
-register_optimizer_step_post_hook(_mark_stepped)
+register_optimizer_step_post_hook(_count_step)
 
 
 class DeltaLinear(nn.Module):
@@ -67,6 +75,8 @@ class DeltaLinear(nn.Module):
 
     method: str = ""
     adapter_tensors: Tuple[str, ...] = ()
+    index_name: str = ""  # the buffer of delta positions
+    base_name: str = ""  # the buffer of W0's values at those positions
 
     def __init__(self, base_layer: nn.Module, *, merged: bool = True):
         super().__init__()
@@ -78,17 +88,33 @@ class DeltaLinear(nn.Module):
         self.out_features, self.in_features = logical_weight(base_layer).shape
         self.merged = merged
         self.disabled = False
-        # The version of the delta that the base weight currently holds; None: it holds W0 exactly.
-        self._merged_version: Optional[int] = None
-        self._stale = False  # the delta may have changed behind its version counter
-        # A state dict may replace the weight, the delta and the base values together: W0 goes back under the
-        # old delta before, and under the new one after (the next forward merges again).
-        self.register_load_state_dict_pre_hook(lambda module, *args: module.restore_base())
-        self.register_load_state_dict_post_hook(lambda module, incompatible: module._reset_to_base())
+        self._reset_state()
+        self.register_load_state_dict_pre_hook(self._before_load)
+        self.register_load_state_dict_post_hook(self._after_load)
 
-    def _register_delta(self) -> None:
-        """Subclasses call this once their delta Parameter exists."""
-        _LAYERS_BY_DELTA[id(self.delta)] = self
+    def _reset_state(self) -> None:
+        # (version, storage) of the delta whose merge the base weight holds; None: it holds W0 exactly.
+        self._merged_as: Optional[Tuple[int, int]] = None
+        # The optimizer-step count when a gradient last reached the delta after its merge (None: none since).
+        self._gradient_at: Optional[int] = None
+        self._stale = False  # refresh() was called
+        self._hooked: tuple = ()  # (the Parameter that carries our gradient hook,)
+
+    def __setstate__(self, state) -> None:
+        # A copy (deepcopy, pickle, torch.load) has no tensor hooks and fresh storage: it re-merges at its
+        # first forward, which is idempotent (W0's values are kept in the base buffer).
+        super().__setstate__(state)
+        self._reset_state()
+
+    def _on_gradient(self, param: Tensor) -> None:
+        self._gradient_at = _optimizer_steps
+
+    def _hook_gradient(self) -> None:
+        """Puts the post-accumulate-grad hook on the delta Parameter (again, if it was replaced or copied)."""
+        delta = self.delta
+        if (not self._hooked or self._hooked[0] is not delta) and delta.requires_grad:
+            delta.register_post_accumulate_grad_hook(self._on_gradient)
+            self._hooked = (delta,)
 
     # ---- to implement -------------------------------------------------------------------------------------
 
@@ -103,6 +129,10 @@ class DeltaLinear(nn.Module):
 
     def _write_base(self) -> None:
         """Writes W0 back at the delta's positions, bit for bit."""
+        raise NotImplementedError
+
+    def _gather_base(self) -> None:
+        """Takes the base values at the delta's positions from the weight, which holds W0."""
         raise NotImplementedError
 
     def _delta_forward(self, x: Tensor) -> Tensor:
@@ -142,29 +172,68 @@ class DeltaLinear(nn.Module):
     def _weight(self) -> Tensor:
         return logical_weight(self.base_layer)
 
-    @torch.no_grad()
-    def restore_base(self) -> None:
-        """Makes the base weight hold W0 exactly (no-op when it already does)."""
-        if self._merged_version is not None:
-            self._write_base()
-            self._merged_version = None
+    @property
+    def holds_merge(self) -> bool:
+        """Whether the base weight holds W0 + Δ (else W0 exactly)."""
+        return self._merged_as is not None
 
     @torch.no_grad()
-    def _reset_to_base(self) -> None:
-        self._write_base()
-        self._merged_version = None
+    def restore_base(self) -> None:
+        """merged → W0: makes the base weight hold W0 exactly (no write when it already does)."""
+        if self._merged_as is not None:
+            self._write_base()
+            self._merged_as = None
 
     def refresh(self) -> None:
         """Makes the next forward re-merge the delta (after writing ``delta.data`` by hand)."""
         self._stale = True
 
+    def delta_changed(self) -> bool:
+        """Whether the delta may differ from the one the weight holds (O(1); see the module docstring)."""
+        delta = self.delta
+        return (
+            self._stale
+            or self._merged_as != (delta._version, delta.data_ptr())
+            or (self._gradient_at is not None and self._gradient_at != _optimizer_steps)
+        )
+
     @torch.no_grad()
     def sync_merged(self) -> None:
-        """Makes the base weight hold W0 + Δ for the current delta (no-op when it already does)."""
-        if self._stale or self._merged_version != self.delta._version:
+        """W0 or merged(Δ_old) → merged(Δ): the base weight holds W0 + Δ for the current delta (no write when it
+        already does)."""
+        self._hook_gradient()
+        if self._merged_as is None or self.delta_changed():
             self._write_merged()
-            self._merged_version = self.delta._version
+            self._merged_as = (self.delta._version, self.delta.data_ptr())
+            self._gradient_at = None
             self._stale = False
+
+    # ---- state dicts --------------------------------------------------------------------------------------
+    #
+    # A state dict holds the weight as it is (merged or not), the delta, its positions and W0's values there:
+    # together they give W0 back. A load may bring any part of that: W0 is never lost and the base values are
+    # re-derived from W0 unless the weight, the positions and the base values arrive together.
+
+    def _before_load(self, module, state_dict, prefix, *args) -> None:
+        self.restore_base()  # the weight holds W0 under the current delta
+        has = {name: prefix + name in state_dict for name in ("base_layer.weight", self.index_name, self.base_name)}
+        if has["base_layer.weight"] and has[self.base_name] and not has[self.index_name]:
+            raise ValueError(
+                f"{prefix or 'layer'}: the state dict holds the weight and {self.base_name!r} but not {self.index_name!r}: "
+                "which of the weight's entries are W0 cannot be told; load all three, or the weight alone (as W0)"
+            )
+        # all three: the loaded weight may hold the loaded delta's merge, and the loaded base values undo it;
+        # otherwise the weight is W0 (kept, or loaded as W0) and the base values are gathered from it
+        self._loaded_merge = all(has.values())
+
+    @torch.no_grad()
+    def _after_load(self, module, incompatible_keys) -> None:
+        if self.__dict__.pop("_loaded_merge", False):
+            self._write_base()
+        else:
+            self._gather_base()
+        self._merged_as = None  # W0 now; the next merged forward merges the (loaded) delta
+        self._gradient_at = None
 
     def set_merged(self, merged: bool) -> None:
         """Switch between merged (W0 + Δ in the base weight) and unmerged (W0 exactly, the delta added)."""
@@ -195,7 +264,7 @@ class DeltaLinear(nn.Module):
     def _base_forward(self, x: Tensor) -> Tensor:
         """The base layer's output (W0, no delta), computed without writing the weight: a reference forward
         (KL, DPO, GRPO) between a training forward and its backward must leave the saved merged weight alone."""
-        if self._merged_version is None:
+        if self._merged_as is None:
             return self.base_layer(x)
         return self._subtract_merged_difference(F.linear(x, self._weight(), self.bias), x)
 

@@ -111,6 +111,7 @@ class SparseDeltaLinear(DeltaLinear):
 
     method = "sparse_delta"
     adapter_tensors = ("indices", "values")
+    index_name, base_name = "indices", "base_values"
 
     def __init__(self, base_layer: nn.Module, indices: Tensor, values: Optional[Tensor] = None, *, merged: bool = True):
         super().__init__(base_layer, merged=merged)
@@ -120,7 +121,7 @@ class SparseDeltaLinear(DeltaLinear):
         self.register_buffer("base_values", torch.zeros(0, dtype=weight.dtype, device=weight.device))
         self.probe: Optional[GradientProbe] = None
         self.set_delta(indices, values)
-        self._register_delta()
+        self._hook_gradient()
 
     @property
     def delta(self) -> nn.Parameter:
@@ -147,7 +148,7 @@ class SparseDeltaLinear(DeltaLinear):
             raise ValueError(f"values must have one entry per index ({indices.numel()}), got shape {tuple(values.shape)}")
         self.restore_base()
         self.indices = indices
-        self.base_values = ops.sparse_delta_gather(weight, indices)
+        self._gather_base()
         values = values.to(device=weight.device, dtype=self.values.dtype)
         if values.shape == self.values.shape:
             self.values.copy_(values)
@@ -160,6 +161,9 @@ class SparseDeltaLinear(DeltaLinear):
 
     def _write_base(self) -> None:
         ops.sparse_delta_scatter_(self._weight(), self.indices, self.values, 0.0, self.base_values)
+
+    def _gather_base(self) -> None:
+        self.base_values = ops.sparse_delta_gather(self._weight(), self.indices)
 
     @torch.no_grad()
     def add_to_base(self, indices: Tensor, values: Tensor, alpha: float = 1.0) -> None:

@@ -76,6 +76,7 @@ class StructuredSparseLinear(DeltaLinear):
 
     method = "structured_sparse"
     adapter_tensors = ("index", "block")
+    index_name, base_name = "index", "base_block"
 
     def __init__(self, base_layer: nn.Module, index: Tensor, *, rows: bool = False, block: Optional[Tensor] = None, merged: bool = True):
         super().__init__(base_layer, merged=merged)
@@ -85,7 +86,7 @@ class StructuredSparseLinear(DeltaLinear):
         self.register_buffer("index", torch.zeros(0, dtype=torch.int64, device=weight.device))
         self.register_buffer("base_block", torch.zeros(0, 0, dtype=weight.dtype, device=weight.device))
         self.set_block(index, block)
-        self._register_delta()
+        self._hook_gradient()
 
     @property
     def delta(self) -> nn.Parameter:
@@ -115,7 +116,7 @@ class StructuredSparseLinear(DeltaLinear):
             raise ValueError(f"block must be {shape[0]}x{shape[1]} for this index, got shape {tuple(block.shape)}")
         self.restore_base()
         self.index = index
-        self.base_block = ops.structured_block_gather(weight, index, self.rows)
+        self._gather_base()
         block = block.to(device=weight.device, dtype=self.block.dtype)
         if block.shape == self.block.shape:
             self.block.copy_(block)
@@ -128,6 +129,9 @@ class StructuredSparseLinear(DeltaLinear):
 
     def _write_base(self) -> None:
         ops.structured_block_scatter_(self._weight(), self.index, self.block, 0.0, self.base_block, self.rows)
+
+    def _gather_base(self) -> None:
+        self.base_block = ops.structured_block_gather(self._weight(), self.index, self.rows)
 
     def _subtract_merged_difference(self, y: Tensor, x: Tensor) -> Tensor:
         difference = ops.structured_block_gather(self._weight(), self.index, self.rows).float() - self.base_block.float()
