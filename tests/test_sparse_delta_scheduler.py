@@ -133,3 +133,47 @@ def test_trainer_callback_runs_regrowth(tmp_path):
         if isinstance(m, SparseDeltaLinear):
             assert m.num_deltas == counts[name]
             assert not torch.equal(m.indices, before[name])
+
+
+def _regrow_once(model, opt, steps=4):
+    sched = SparseDeltaScheduler(model, opt, regrow_every=2, accumulate_steps=1, drop_fraction=0.25)
+    for _ in range(steps):
+        x = torch.randn(8, 32)
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    return sched
+
+
+def test_state_of_an_unknown_layout_is_reset_not_scrambled():
+    """A state dict of bitsandbytes' 8-bit Adam layout: uint8 codes of the values' shape with per-block
+    absmax scales. Moving codes would rescale them by another block's absmax, and code 0 means about -absmax:
+    the state is reset instead, with a warning."""
+    from ftcore.tuners.scheduler import remap_optimizer_state
+
+    values = torch.zeros(64)
+    state = {"step": 3, "state1": torch.randint(0, 256, (64,), dtype=torch.uint8), "absmax1": torch.rand(1),
+             "qmap1": torch.linspace(-1, 1, 256), "state2": torch.randint(0, 256, (64,), dtype=torch.uint8)}
+    assert not remap_optimizer_state(state, values, lambda t: t.flip(0))
+    assert state == {}
+    adam = {"step": torch.tensor(3.0), "exp_avg": torch.arange(64.0), "exp_avg_sq": torch.arange(64.0) ** 2}
+    assert remap_optimizer_state(adam, values, lambda t: t.flip(0))
+    assert torch.equal(adam["exp_avg"], torch.arange(64.0).flip(0)) and float(adam["step"]) == 3.0
+
+
+def test_bitsandbytes_8bit_adam_is_reset_with_a_warning_and_trains_on():
+    bnb = pytest.importorskip("bitsandbytes")
+    model = one_layer_model(k=64)
+    layer = model[0]
+    opt = bnb.optim.Adam8bit(ftcore.trainable_parameters(model), lr=1e-2, min_8bit_size=16)
+    with pytest.warns(UserWarning, match="cannot follow moved entries"):
+        _regrow_once(model, opt)
+    model(torch.randn(8, 32)).pow(2).mean().backward()
+    opt.step()  # after the reset
+    x = torch.randn(4, 32)
+    w0 = one_layer_model(k=64)[0].base_layer.weight.detach()
+    delta = torch.zeros(24 * 32)
+    delta[layer.indices.long()] = layer.values.detach()
+    torch.testing.assert_close(model(x), x @ (w0 + delta.view(24, 32)).t() + layer.base_layer.bias, rtol=1e-5, atol=1e-5)
+    assert opt.state[layer.values]["state1"].dtype == torch.uint8  # bitsandbytes took it up again afresh

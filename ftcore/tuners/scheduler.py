@@ -6,17 +6,35 @@ Every `regrow_every` optimizer steps, each SparseDeltaLinear
      dense gradient's top entries on the first of the last `accumulate_steps` steps (the chunked top-k: never
      a dense gradient in memory) and their exact gradients are summed over those steps;
 so the number of deltas stays constant. The optimizer's per-entry state follows its entry: kept entries keep
-their moments, new entries start from zero. The drop fraction can decay to zero with a cosine schedule
+their moments, new entries start from zero. Only state of a known layout moves (floating tensors shaped like the
+values: Adam's moments, SGD's momentum, RMSprop's and Adagrad's sums); state of any other layout, such as
+bitsandbytes' 8-bit codes with their per-block scales, is reset for that layer, with a warning. The drop fraction can decay to zero with a cosine schedule
 (RigL's), set by `total_steps`.
 """
 
 import math
-from typing import Optional
+import warnings
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
 
 from ..nn.sparse_delta import GradientProbe, SparseDeltaLinear
+
+def remap_optimizer_state(state: Dict[str, object], param: torch.Tensor, remap: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """Moves a parameter's optimizer state with its entries, in place. Floating tensors of the parameter's
+    shape hold one number an entry and follow it; scalars (step counts) stay. Any other tensor (quantized codes
+    whose meaning depends on per-block scales, a block-shaped statistic) cannot be moved entry by entry: the
+    parameter's whole state is then dropped, so that the optimizer starts it afresh. Returns False then."""
+    per_entry = [v for v in state.values() if torch.is_tensor(v) and v.is_floating_point() and v.shape == param.shape]
+    unknown = [k for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0 and not any(v is t for t in per_entry)]
+    if unknown:
+        state.clear()
+        return False
+    for v in per_entry:
+        v.copy_(remap(v))
+    return True
+
 
 def _unwrap_optimizer(optimizer):
     # accelerate wraps the optimizer (AcceleratedOptimizer, itself an Optimizer); its state lives inside.
@@ -101,18 +119,28 @@ class SparseDeltaScheduler:
     @torch.no_grad()
     def regrow(self) -> None:
         """Drop and regrow every layer now, using what its probe has gathered."""
-        for module in self.layers.values():
+        reset = []
+        for name, module in self.layers.items():
             probe, module.probe = module.probe, None
             if probe is None or probe.candidates is None:
                 continue
-            self._regrow_layer(module, probe, self._grow_count(module))
+            if not self._regrow_layer(module, probe, self._grow_count(module)):
+                reset.append(name)
+        if reset:
+            warnings.warn(
+                f"SparseDeltaScheduler: the optimizer state of {len(reset)} layers ({', '.join(reset[:3])}"
+                f"{', ...' if len(reset) > 3 else ''}) has a layout that cannot follow moved entries (e.g. 8-bit "
+                "codes with per-block scales); it was reset for those layers",
+                stacklevel=2,
+            )
         self.regrowths += 1
 
-    def _regrow_layer(self, module: SparseDeltaLinear, probe: GradientProbe, n: int) -> None:
+    def _regrow_layer(self, module: SparseDeltaLinear, probe: GradientProbe, n: int) -> bool:
+        """Returns False if the layer's optimizer state had to be reset rather than remapped."""
         grown = probe.best(n)
         n = grown.numel()
         if n == 0:
-            return
+            return True
         values = module.values
         k = values.numel()
         drop = torch.topk(values.abs(), n, largest=False, sorted=False).indices
@@ -125,7 +153,4 @@ class SparseDeltaScheduler:
             return torch.cat([t[keep], torch.zeros(n, dtype=t.dtype, device=t.device)])[order]
 
         module.set_delta(new_indices, remap(values))
-        state = self.optimizer.state.get(values, {})
-        for s in state.values():
-            if torch.is_tensor(s) and s.shape == values.shape:
-                s.copy_(remap(s))
+        return remap_optimizer_state(self.optimizer.state.get(values, {}), values, remap)
