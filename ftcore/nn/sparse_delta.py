@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import distributed
 from ..ops import check_delta_indices
 from .base import DeltaLinear, delta_dtype_for, grad_matmul, index_dtype_for
 
@@ -32,6 +33,10 @@ class GradientProbe:
     `exclude`); every batch it sees, that one included, adds the exact gradient at those candidates. `best(n)`
     then returns the n candidates with the largest accumulated |gradient|: SpIEL's accumulated-gradient
     criterion, at O(chunk·in + candidates) memory.
+
+    Under torch.distributed the candidates are the union of every rank's (one all-gather, at the first batch)
+    and the accumulated gradients are summed over the ranks before choosing: every rank chooses the same
+    positions, by the gradient of the whole batch.
     """
 
     def __init__(self, num_candidates: int, exclude: Optional[Tensor] = None):
@@ -40,6 +45,7 @@ class GradientProbe:
         self.candidates: Optional[Tensor] = None
         self.accumulated: Optional[Tensor] = None
         self.batches = 0
+        self._reduced = False
 
     @torch.no_grad()
     def observe(self, grad_output: Tensor, input: Tensor) -> None:
@@ -50,7 +56,8 @@ class GradientProbe:
             excluded = 0 if self.exclude is None else self.exclude.numel()
             n = min(self.num_candidates, numel - excluded)
             chosen, _ = ops.sparse_delta_topk(grad_output, input, n, self.exclude, 0)
-            self.candidates = chosen.to(index_dtype_for(numel))
+            self.candidates = distributed.union_over_ranks(chosen).to(index_dtype_for(numel))
+            n = self.candidates.numel()
             self.accumulated = torch.zeros(n, dtype=torch.float32, device=input.device)
         self.accumulated += ops.sparse_delta_grad(grad_output, input, self.candidates).float()
         self.batches += 1
@@ -59,6 +66,9 @@ class GradientProbe:
         """The (at most) n candidates with the largest accumulated |gradient|, sorted."""
         if self.candidates is None:
             raise RuntimeError("the gradient probe saw no backward pass: run forward and backward first")
+        if not self._reduced:  # once: the sum over the ranks' batches
+            distributed.all_reduce_sum_(self.accumulated)
+            self._reduced = True
         n = min(n, self.candidates.numel())
         top = torch.topk(self.accumulated.abs(), n, sorted=False).indices
         return torch.sort(self.candidates[top]).values

@@ -19,6 +19,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
+from .. import distributed
 from ..nn.sparse_delta import GradientProbe, SparseDeltaLinear
 
 def remap_optimizer_state(state: Dict[str, object], param: torch.Tensor, remap: Callable[[torch.Tensor], torch.Tensor]) -> bool:
@@ -126,6 +127,8 @@ class SparseDeltaScheduler:
                 continue
             if not self._regrow_layer(module, probe, self._grow_count(module)):
                 reset.append(name)
+        distributed.check_same_on_every_rank(
+            "SparseDeltaScheduler.regrow", {f"{name}.indices": m.indices for name, m in self.layers.items()})
         if reset:
             warnings.warn(
                 f"SparseDeltaScheduler: the optimizer state of {len(reset)} layers ({', '.join(reset[:3])}"

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..nn.base import DeltaLinear, logical_weight
 from ..nn.structured import StructuredSparseLinear
 from .sparse_delta import run_calibration
@@ -182,6 +183,9 @@ class _CalibrationStats:
             run_calibration(self.model, calibration, backward=self.kind == "gradient")
         finally:
             self._detach()
+        if self.kind == "activation":  # gradient scores were reduced batch by batch, in the hooks
+            for score in self.scores.values():
+                distributed.all_reduce_sum_(score)
 
     def _attach(self) -> None:
         model, blocks, geo, kind = self.model, self.blocks, self.geo, self.kind
@@ -223,6 +227,7 @@ class _CalibrationStats:
             for g0 in range(0, groups, step):
                 cols = torch.arange(g0 * width, min(groups, g0 + step) * width, device=x.device)
                 block = torch.ops.ftcore.structured_block_grad(g.to(x.dtype), x, None, cols)
+                distributed.all_reduce_sum_(block)  # the whole batch's gradient, before its norm
                 norms.append(block.pow(2).sum(0).view(-1, width).sum(1))
             self._add(key, torch.cat(norms))
 

@@ -12,6 +12,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 from torch import nn
 
+from .. import distributed
 from ..nn.base import DeltaLinear, is_linear_like
 
 Targets = Union[str, Sequence[str], None]
@@ -120,4 +121,17 @@ def install(
             p.requires_grad_(requires_grad[name])
         raise
     model._ftcore_state = {"config": config, "requires_grad": requires_grad}
+    record_positions(model, wrapped)
     return model
+
+
+def record_positions(model: nn.Module, layers: Dict[str, DeltaLinear]) -> None:
+    """Under torch.distributed: checks that every rank holds the same delta positions and the same W0 values
+    there (raises otherwise), and keeps those buffers out of DDP's broadcast. DDP would otherwise copy rank 0's
+    buffers over every rank's at every forward (more bytes than the gradients' all-reduce); they are equal on
+    every rank by construction, and this check is what makes that so."""
+    buffers = {f"{name}.{buffer}": getattr(layer, buffer) for name, layer in layers.items()
+               for buffer in (layer.index_name, layer.base_name)}
+    distributed.check_same_on_every_rank("ftcore", buffers)
+    ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+    model._ddp_params_and_buffers_to_ignore = sorted(ignored | set(buffers))

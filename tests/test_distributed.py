@@ -1,0 +1,62 @@
+"""DDP on the CPU, 2 gloo ranks against one process on the concatenated batch (the cases are in
+distributed_cases.py; one spawn of two workers runs them all, imports being most of the time):
+
+* every selection chooses the same positions on every rank, from the whole batch's statistics;
+* 3 AdamW steps under DDP give the one-process deltas and outputs (merged and unmerged, sparse deltas and
+  S²FT), and so does SpIEL regrowth, whose choices stay identical across ranks;
+* the position buffers stay out of DDP's per-forward broadcast, and ranks that differ are refused."""
+
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import distributed_cases
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("ddp"))
+    context = mp.start_processes(distributed_cases.worker, args=(folder,), nprocs=distributed_cases.WORLD, join=False,
+                                 start_method="spawn")
+    while not context.join(timeout=600):
+        pass
+    return torch.load(os.path.join(folder, "results.pt"))
+
+
+def result(results, name):
+    r = results[name]
+    assert "error" not in r, r.get("error")
+    return r
+
+
+@pytest.mark.parametrize("name", list(distributed_cases.SELECTIONS))
+def test_every_rank_selects_the_same_positions(results, name):
+    r = result(results, f"selection[{name}]")
+    assert r["identical"]
+    assert r.get("as_one_process", True)
+
+
+@pytest.mark.parametrize("name", list(distributed_cases.TRAINING))
+def test_ddp_trains_as_one_process_on_the_whole_batch(results, name):
+    r = result(results, f"training[{name}]")
+    assert r["identical"] and r["same_positions_as_one_process"]
+    assert r["delta_max_diff"] < 1e-5 and r["output_max_diff"] < 1e-5, r
+
+
+@pytest.mark.parametrize("mode", ["merged", "unmerged"])
+def test_regrowth_under_ddp_chooses_as_one_process(results, mode):
+    r = result(results, f"regrowth[{mode}]")
+    assert r["moved"] and r["identical"] and r["same_positions_as_one_process"] and r["identical_with_few_candidates"]
+    assert r["delta_max_diff"] < 1e-5 and r["output_max_diff"] < 1e-5, r
+
+
+def test_position_buffers_stay_out_of_ddps_broadcast(results):
+    assert result(results, "buffers_stay_out_of_the_broadcast")["ignored"]
+
+
+def test_ranks_that_chose_differently_are_refused(results):
+    assert result(results, "ranks_that_differ_are_refused")["refused"]
