@@ -15,7 +15,7 @@ from .tuners import adapter as adapter_files
 from .tuners.planner import BackpropPlan
 from .tuners.sparse_delta import SparseDeltaConfig, apply_sparse_delta
 from .tuners.structured import StructuredSparseConfig, apply_structured
-from .tuners.targets import install, record_positions, set_submodule
+from .tuners.targets import install, record_positions, set_submodule, track_layers, untrack_layers
 
 CONFIGS = {cls.method: cls for cls in (SparseDeltaConfig, StructuredSparseConfig)}
 
@@ -156,6 +156,7 @@ def switch_adapter(model: nn.Module, adapter: Union[str, adapter_files.Adapter])
         set_submodule(model, name, fresh)
     model.__dict__.setdefault("_ftcore_state", {"requires_grad": {}})["config"] = config
     record_positions(model, adapter_layers(model))
+    track_layers(model, adapter_layers(model))
     return model
 
 
@@ -173,6 +174,7 @@ def merge(model: nn.Module) -> nn.Module:
     before ``apply``."""
     for name, module in _layers_or_raise(model).items():
         set_submodule(model, name, module.unwrap(with_delta=True))
+    untrack_layers(model)
     _restore_requires_grad(model)
     return model
 

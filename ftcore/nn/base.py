@@ -75,6 +75,9 @@ class DeltaLinear(nn.Module):
 
     method: str = ""
     adapter_tensors: Tuple[str, ...] = ()
+    # True once a model-level forward pre-hook (see prepare_model_layers) refreshes this layer before each forward
+    # of the model: a compiled forward then needs no per-layer check (no graph break per layer).
+    prepared_by_model: bool = False
     index_name: str = ""  # the buffer of delta positions
     base_name: str = ""  # the buffer of W0's values at those positions
 
@@ -268,11 +271,35 @@ class DeltaLinear(nn.Module):
             return self.base_layer(x)
         return self._subtract_merged_difference(F.linear(x, self._weight(), self.bias), x)
 
+    def _needs_preparation(self) -> bool:
+        # Attribute reads only, so that torch.compile traces it: the unmerged path (W0 in the weight, nothing
+        # to write) then compiles with fullgraph=True.
+        return not self.disabled and (self.merged or self._merged_as is not None)
+
     def forward(self, x: Tensor) -> Tensor:
-        self._prepare_weight()
+        if self._needs_preparation() and not (self.prepared_by_model and torch.compiler.is_compiling()):
+            self._prepare_weight()
         if self.disabled:
             return self._base_forward(x)
         return self._delta_forward(x)
+
+
+def _prepare_merged_layers(layers) -> None:
+    for layer in layers:
+        if layer._needs_preparation():
+            layer._prepare_weight()
+
+
+_prepare_merged_layers_eagerly = torch.compiler.disable(_prepare_merged_layers)
+
+
+def prepare_model_layers(model: nn.Module, args) -> None:
+    """A forward pre-hook on the adapted model (installed by ftcore.apply and load_adapter): refreshes every
+    merged layer before the model's forward. Under torch.compile it is the model forward's one graph break
+    (none when no layer is merged), instead of one per layer."""
+    layers = model.__dict__.get("_ftcore_layers", ())
+    if any(layer._needs_preparation() for layer in layers):
+        _prepare_merged_layers_eagerly(layers)
 
 
 def grad_matmul(grad_output: Tensor, weight: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 from torch import nn
 
 from .. import distributed
-from ..nn.base import DeltaLinear, is_linear_like
+from ..nn.base import DeltaLinear, is_linear_like, prepare_model_layers
 
 Targets = Union[str, Sequence[str], None]
 
@@ -122,7 +122,26 @@ def install(
         raise
     model._ftcore_state = {"config": config, "requires_grad": requires_grad}
     record_positions(model, wrapped)
+    track_layers(model, wrapped)
     return model
+
+
+def track_layers(model: nn.Module, layers: Dict[str, DeltaLinear]) -> None:
+    """Keeps the model's ftcore layers on it, with the one forward pre-hook that prepares them all before each
+    forward of the model (see ftcore.nn.base.prepare_model_layers)."""
+    untrack_layers(model, keep_hook=True)
+    model.__dict__["_ftcore_layers"] = list(layers.values())
+    for layer in layers.values():
+        layer.prepared_by_model = True
+    if model.__dict__.get("_ftcore_hook") is None:
+        model.__dict__["_ftcore_hook"] = model.register_forward_pre_hook(prepare_model_layers)
+
+
+def untrack_layers(model: nn.Module, keep_hook: bool = False) -> None:
+    for layer in model.__dict__.pop("_ftcore_layers", ()):
+        layer.prepared_by_model = False
+    if not keep_hook and model.__dict__.get("_ftcore_hook") is not None:
+        model.__dict__.pop("_ftcore_hook").remove()
 
 
 def record_positions(model: nn.Module, layers: Dict[str, DeltaLinear]) -> None:

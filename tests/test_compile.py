@@ -1,0 +1,82 @@
+"""torch.compile: the unmerged path compiles with fullgraph=True; the merged path has one graph break per model
+forward (the model's pre-hook that refreshes every merged layer), never one per layer; a compiled optimizer
+step is still seen; compiled training equals eager (aot_eager, and once with inductor)."""
+
+import pytest
+import torch
+from models import tiny_llama
+from torch._dynamo.utils import counters
+
+import ftcore
+
+CONFIGS = {
+    "sparse": lambda merged: ftcore.SparseDeltaConfig(density=0.05, merged=merged),
+    "s2ft": lambda merged: ftcore.StructuredSparseConfig(head_ratio=0.25, channel_ratio=0.1, merged=merged),
+}
+
+
+def data(steps=3):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 128, (2, 16), generator=g) for _ in range(steps)]
+
+
+def losses(model, runner, steps=3, step_fn=None):
+    opt = torch.optim.AdamW(ftcore.trainable_parameters(model), lr=1e-2)
+    step = step_fn(opt) if step_fn else opt.step
+    out = []
+    for ids in data(steps):
+        loss = runner(input_ids=ids, labels=ids).loss
+        loss.backward()
+        step()
+        opt.zero_grad()
+        out.append(loss.item())
+    return out
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def graph_breaks() -> int:
+    return sum(counters["graph_break"].values())
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_compiled_training_equals_eager(kind, merged):
+    model = ftcore.apply(tiny_llama(), CONFIGS[kind](merged))
+    expected = losses(model, model)
+    model = ftcore.apply(tiny_llama(), CONFIGS[kind](merged))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=not merged)  # unmerged: no break at all
+    assert losses(model, compiled) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_merged_layers_cost_one_graph_break_per_model_forward(kind):
+    for layers in (2, 4):  # not one per layer
+        torch._dynamo.reset()
+        counters.clear()
+        model = ftcore.apply(tiny_llama(layers=layers), CONFIGS[kind](True))
+        compiled = torch.compile(model, backend="aot_eager")
+        ids = data(1)[0]
+        compiled(input_ids=ids, labels=ids).loss.backward()
+        assert graph_breaks() == 1, dict(counters["graph_break"])
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_a_compiled_optimizer_step_is_seen(kind):
+    model = ftcore.apply(tiny_llama(), CONFIGS[kind](True))
+    expected = losses(model, model)
+    model = ftcore.apply(tiny_llama(), CONFIGS[kind](True))
+    assert losses(model, model, step_fn=lambda opt: torch.compile(opt.step, backend="aot_eager")) == pytest.approx(expected, rel=1e-5)
+
+
+def test_inductor_training_equals_eager():
+    model = ftcore.apply(tiny_llama(), CONFIGS["sparse"](True))
+    expected = losses(model, model)
+    model = ftcore.apply(tiny_llama(), CONFIGS["sparse"](True))
+    assert losses(model, torch.compile(model)) == pytest.approx(expected, rel=1e-4)
