@@ -191,23 +191,28 @@ class DeltaLinear(nn.Module):
         """Makes the next forward re-merge the delta (after writing ``delta.data`` by hand)."""
         self._stale = True
 
-    def delta_changed(self) -> bool:
+    def delta_changed(self, delta: Optional[Tensor] = None) -> bool:
         """Whether the delta may differ from the one the weight holds (O(1); see the module docstring)."""
-        delta = self.delta
+        delta = self.delta if delta is None else delta
+        merged_as, gradient_at = self._merged_as, self._gradient_at
         return (
-            self._stale
-            or self._merged_as != (delta._version, delta.data_ptr())
-            or (self._gradient_at is not None and self._gradient_at != _optimizer_steps)
+            merged_as is None
+            or self._stale
+            or merged_as[0] != delta._version
+            or merged_as[1] != delta.data_ptr()
+            or (gradient_at is not None and gradient_at != _optimizer_steps)
         )
 
-    @torch.no_grad()
     def sync_merged(self) -> None:
         """W0 or merged(Δ_old) → merged(Δ): the base weight holds W0 + Δ for the current delta (no write when it
-        already does)."""
-        self._hook_gradient()
-        if self._merged_as is None or self.delta_changed():
-            self._write_merged()
-            self._merged_as = (self.delta._version, self.delta.data_ptr())
+        already does). Called before every merged forward: a few attribute reads when nothing changed."""
+        delta = self.delta
+        if not self._hooked or self._hooked[0] is not delta:
+            self._hook_gradient()
+        if self.delta_changed(delta):
+            with torch.no_grad():
+                self._write_merged()
+            self._merged_as = (delta._version, delta.data_ptr())
             self._gradient_at = None
             self._stale = False
 
@@ -252,10 +257,6 @@ class DeltaLinear(nn.Module):
             self.restore_base()
         return self.base_layer
 
-    # Runs eagerly even inside torch.compile: whether the weight must be refreshed depends on the optimizer
-    # steps taken since the last call, which a traced graph would freeze (and an in-place write to a weight
-    # inside a graph is copied back whole).
-    @torch.compiler.disable
     def _prepare_weight(self) -> None:
         if self.disabled:
             return  # a disabled forward never writes: a live graph may hold this weight (see _base_forward)
@@ -277,29 +278,35 @@ class DeltaLinear(nn.Module):
         return not self.disabled and (self.merged or self._merged_as is not None)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._needs_preparation() and not (self.prepared_by_model and torch.compiler.is_compiling()):
-            self._prepare_weight()
+        if self._needs_preparation():
+            if not torch.compiler.is_compiling():
+                self._prepare_weight()
+            elif not self.prepared_by_model:  # compiled, and no model pre-hook: a graph break of its own
+                _prepare_eagerly([self])
         if self.disabled:
             return self._base_forward(x)
         return self._delta_forward(x)
 
 
-def _prepare_merged_layers(layers) -> None:
+# Runs eagerly even inside torch.compile: whether a weight must be refreshed depends on the optimizer steps
+# taken since the last call, which a traced graph would freeze (and an in-place write to a weight inside a
+# graph is copied back whole).
+@torch.compiler.disable
+def _prepare_eagerly(layers) -> None:
     for layer in layers:
         if layer._needs_preparation():
             layer._prepare_weight()
 
 
-_prepare_merged_layers_eagerly = torch.compiler.disable(_prepare_merged_layers)
-
-
 def prepare_model_layers(model: nn.Module, args) -> None:
-    """A forward pre-hook on the adapted model (installed by ftcore.apply and load_adapter): refreshes every
-    merged layer before the model's forward. Under torch.compile it is the model forward's one graph break
-    (none when no layer is merged), instead of one per layer."""
-    layers = model.__dict__.get("_ftcore_layers", ())
-    if any(layer._needs_preparation() for layer in layers):
-        _prepare_merged_layers_eagerly(layers)
+    """A forward pre-hook on the adapted model (installed by ftcore.apply and load_adapter). Under
+    torch.compile it refreshes every merged layer before the model's forward: the forward's one graph break
+    (none when no layer is merged) instead of one a layer. Eager forwards need nothing from it: each layer
+    checks itself, in a few attribute reads."""
+    if torch.compiler.is_compiling():
+        layers = model.__dict__.get("_ftcore_layers", ())
+        if any(layer._needs_preparation() for layer in layers):
+            _prepare_eagerly(layers)
 
 
 def grad_matmul(grad_output: Tensor, weight: Tensor) -> Tensor:
