@@ -82,6 +82,20 @@ def case_selection(name):
     return result
 
 
+def case_planner():
+    data = batches(2)
+    local = [{"input_ids": shard(ids), "labels": shard(ids)} for ids in data]
+    whole = [{"input_ids": ids, "labels": ids} for ids in data]
+    plan = ftcore.plan_backprop(tiny_llama(), 0.5, local)
+    reference = ftcore.plan_backprop(tiny_llama(), 0.5, whole)
+    chosen = {name: index for name, (index, _) in plan.layers.items()}
+    return {
+        "identical": all(equal_on_every_rank(i) for i in chosen.values()),
+        "as_one_process": chosen.keys() == reference.layers.keys()
+        and all(torch.equal(chosen[n], reference.layers[n][0]) for n in chosen),
+    }
+
+
 def train(model, data, steps, ddp=False, scheduler=None):
     module = nn.parallel.DistributedDataParallel(model) if ddp else model
     opt = torch.optim.AdamW(ftcore.trainable_parameters(model), lr=0.05)
@@ -156,13 +170,35 @@ def case_ranks_that_differ_are_refused():
     return {"refused": False}
 
 
+def case_fsdp2_refuses_merged():
+    """Until merged mode is made exact under sharding, FSDP2 gets a clear error, never a silent drift; the
+    unmerged path trains."""
+    from torch.distributed.fsdp import fully_shard
+
+    out = {}
+    for merged in (True, False):
+        model = ftcore.apply(tiny_llama(), sparse_config(merged=merged))
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        ids = shard(batches(1)[0])
+        try:
+            model(input_ids=ids, labels=ids).loss.backward()
+            out["merged" if merged else "unmerged"] = "ran"
+        except RuntimeError as exc:
+            out["merged" if merged else "unmerged"] = "refused" if "sharded weight" in str(exc) else f"error: {exc}"
+    return out
+
+
 CASES = {
     **{f"selection[{n}]": (case_selection, (n,)) for n in SELECTIONS},
     **{f"training[{n}]": (case_training, (n,)) for n in TRAINING},
+    "planner": (case_planner, ()),
     "regrowth[merged]": (case_regrowth, (True,)),
     "regrowth[unmerged]": (case_regrowth, (False,)),
     "buffers_stay_out_of_the_broadcast": (case_buffers_stay_out_of_the_broadcast, ()),
     "ranks_that_differ_are_refused": (case_ranks_that_differ_are_refused, ()),
+    "fsdp2_refuses_merged": (case_fsdp2_refuses_merged, ()),
 }
 
 

@@ -1,7 +1,8 @@
 """DDP on the CPU, 2 gloo ranks against one process on the concatenated batch (the cases are in
 distributed_cases.py; one spawn of two workers runs them all, imports being most of the time):
 
-* every selection chooses the same positions on every rank, from the whole batch's statistics;
+* every selection (and the backprop planner) chooses the same positions on every rank, from the whole batch's
+  statistics;
 * 3 AdamW steps under DDP give the one-process deltas and outputs (merged and unmerged, sparse deltas and
   S²FT), and so does SpIEL regrowth, whose choices stay identical across ranks;
 * the position buffers stay out of DDP's per-forward broadcast, and ranks that differ are refused."""
@@ -40,6 +41,11 @@ def test_every_rank_selects_the_same_positions(results, name):
     assert r.get("as_one_process", True)
 
 
+def test_the_backprop_planner_plans_alike_on_every_rank(results):
+    r = result(results, "planner")
+    assert r["identical"] and r["as_one_process"]
+
+
 @pytest.mark.parametrize("name", list(distributed_cases.TRAINING))
 def test_ddp_trains_as_one_process_on_the_whole_batch(results, name):
     r = result(results, f"training[{name}]")
@@ -60,3 +66,7 @@ def test_position_buffers_stay_out_of_ddps_broadcast(results):
 
 def test_ranks_that_chose_differently_are_refused(results):
     assert result(results, "ranks_that_differ_are_refused")["refused"]
+
+
+def test_fsdp2_refuses_the_merged_mode_and_trains_unmerged(results):
+    assert result(results, "fsdp2_refuses_merged") == {"merged": "refused", "unmerged": "ran"}

@@ -61,6 +61,29 @@ def delta_dtype_for(weight: Tensor) -> torch.dtype:
 _optimizer_steps = 0  # optimizer steps taken in this process, by any torch.optim optimizer
 
 
+SHARDED_MERGE = (
+    "ftcore: merged mode cannot run on a sharded weight (FSDP2 / DeepSpeed ZeRO-3): the merge would be lost when "
+    "the engine re-gathers the weight, and training would drift without an error. Apply with merged=False (the "
+    "exact unmerged path), or use DDP"
+)
+
+
+def refuse_sharded_merge(weight: Tensor) -> None:
+    """Raises for a weight that a sharding engine owns: a DeepSpeed ZeRO-3 partition (the same Parameter inside
+    and outside forward) or a DTensor. (FSDP2 hands the layer plain unsharded tensors inside forward: the
+    model pre-hook catches it, see prepare_model_layers.)"""
+    if getattr(weight, "ds_id", None) is not None or type(weight).__name__ == "DTensor":
+        raise RuntimeError(SHARDED_MERGE)
+
+
+def _fsdp2_module(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def _count_step(optimizer, args, kwargs) -> None:
     global _optimizer_steps
     _optimizer_steps += 1
@@ -210,6 +233,7 @@ class DeltaLinear(nn.Module):
         if not self._hooked or self._hooked[0] is not delta:
             self._hook_gradient()
         if self.delta_changed(delta):
+            refuse_sharded_merge(self.base_layer.weight)
             with torch.no_grad():
                 self._write_merged()
             self._merged_as = (delta._version, delta.data_ptr())
@@ -302,11 +326,12 @@ def prepare_model_layers(model: nn.Module, args) -> None:
     """A forward pre-hook on the adapted model (installed by ftcore.apply and load_adapter). Under
     torch.compile it refreshes every merged layer before the model's forward: the forward's one graph break
     (none when no layer is merged) instead of one a layer. Eager forwards need nothing from it: each layer
-    checks itself, in a few attribute reads."""
-    if torch.compiler.is_compiling():
-        layers = model.__dict__.get("_ftcore_layers", ())
-        if any(layer._needs_preparation() for layer in layers):
-            _prepare_eagerly(layers)
+    checks itself, in a few attribute reads. It also refuses merged layers in a model that FSDP2 shards."""
+    layers = model.__dict__.get("_ftcore_layers", ())
+    if _fsdp2_module(model) and any(layer.merged and not layer.disabled for layer in layers):
+        raise RuntimeError(SHARDED_MERGE)
+    if torch.compiler.is_compiling() and any(layer._needs_preparation() for layer in layers):
+        _prepare_eagerly(layers)
 
 
 def grad_matmul(grad_output: Tensor, weight: Tensor) -> Tensor:
