@@ -163,16 +163,34 @@ def case_buffers_stay_out_of_the_broadcast():
 
 
 def case_ranks_that_differ_are_refused():
+    """Checked at the first forward inside DDP, where every rank is (a check in apply would hang a script that
+    adapts a model on one rank only: see case_one_rank_alone)."""
+    model = ftcore.apply(tiny_llama(), sparse_config(seed=dist.get_rank()))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    ids = shard(batches(1)[0])
     try:
-        ftcore.apply(tiny_llama(), sparse_config(seed=dist.get_rank()))
+        ddp(input_ids=ids, labels=ids)
     except RuntimeError as exc:
         return {"refused": "differ" in str(exc)}
     return {"refused": False}
 
 
-def case_fsdp2_refuses_merged():
-    """Until merged mode is made exact under sharding, FSDP2 gets a clear error, never a silent drift; the
-    unmerged path trains."""
+def case_one_rank_alone(folder):
+    """Adapting, loading and switching adapters on one rank while the others wait elsewhere: no collective."""
+    path = os.path.join(folder, "adapter")
+    ok = True
+    if dist.get_rank() == 0:
+        model = ftcore.apply(tiny_llama(), sparse_config())
+        ftcore.save_adapter(model, path)
+        loaded = ftcore.load_adapter(tiny_llama(), path)
+        ftcore.switch_adapter(loaded, path)
+        ok = loaded(input_ids=batches(1)[0]).logits.isfinite().all().item()
+    return {"ran": bool(ok)}
+
+
+def case_fsdp2_refuses_merged(root):
+    """Until merged mode is made exact under sharding, FSDP2 gets a clear error, never a silent drift, whether
+    or not the root is sharded; the unmerged path trains."""
     from torch.distributed.fsdp import fully_shard
 
     out = {}
@@ -180,7 +198,7 @@ def case_fsdp2_refuses_merged():
         model = ftcore.apply(tiny_llama(), sparse_config(merged=merged))
         for layer in model.model.layers:
             fully_shard(layer)
-        fully_shard(model)
+        fully_shard(model if root else model.model)
         ids = shard(batches(1)[0])
         try:
             model(input_ids=ids, labels=ids).loss.backward()
@@ -198,7 +216,9 @@ CASES = {
     "regrowth[unmerged]": (case_regrowth, (False,)),
     "buffers_stay_out_of_the_broadcast": (case_buffers_stay_out_of_the_broadcast, ()),
     "ranks_that_differ_are_refused": (case_ranks_that_differ_are_refused, ()),
-    "fsdp2_refuses_merged": (case_fsdp2_refuses_merged, ()),
+    "fsdp2_refuses_merged[root]": (case_fsdp2_refuses_merged, (True,)),
+    "fsdp2_refuses_merged[blocks]": (case_fsdp2_refuses_merged, (False,)),
+    "one_rank_alone": (case_one_rank_alone, ("FOLDER",)),
 }
 
 
@@ -211,7 +231,7 @@ def worker(rank, folder):
     try:
         for name, (fn, args) in CASES.items():
             try:
-                results[name] = fn(*args)
+                results[name] = fn(*(folder if a == "FOLDER" else a for a in args))
             except Exception:  # noqa: BLE001  (reported by the test of this case)
                 results[name] = {"error": traceback.format_exc()}
             dist.barrier()

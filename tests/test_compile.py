@@ -67,6 +67,42 @@ def test_merged_layers_cost_one_graph_break_per_model_forward(kind):
         assert graph_breaks() == 1, dict(counters["graph_break"])
 
 
+@pytest.mark.parametrize("how", ["model.forward", "blocks"])
+def test_compiling_the_forward_or_the_blocks_trains_like_eager(how):
+    """Compiled regions that the model's pre-hook runs outside of (HF's `model.forward = torch.compile(...)`,
+    per-block compilation): the hook prepares the layers before them."""
+    model = ftcore.apply(tiny_llama(), CONFIGS["sparse"](True))
+    expected = losses(model, model)
+    model = ftcore.apply(tiny_llama(), CONFIGS["sparse"](True))
+    if how == "model.forward":
+        model.forward = torch.compile(model.forward, backend="aot_eager")
+    else:
+        for block in model.model.layers:
+            block.compile(backend="aot_eager")
+    assert losses(model, model) == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_reference_forward_under_compile_does_not_recompile_every_step():
+    model = ftcore.apply(tiny_llama(), CONFIGS["sparse"](True))
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.AdamW(ftcore.trainable_parameters(model), lr=1e-2)
+
+    def step(ids):
+        loss = compiled(input_ids=ids, labels=ids).loss
+        with ftcore.disable(model), torch.no_grad():
+            compiled(input_ids=ids, labels=ids)  # the KL / DPO reference pass
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    batches = data(5)
+    for ids in batches[:2]:  # warm-up: the graphs of both passes
+        step(ids)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for ids in batches[2:]:
+            step(ids)
+
+
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
 def test_a_compiled_optimizer_step_is_seen(kind):
     model = ftcore.apply(tiny_llama(), CONFIGS[kind](True))

@@ -68,5 +68,11 @@ def test_ranks_that_chose_differently_are_refused(results):
     assert result(results, "ranks_that_differ_are_refused")["refused"]
 
 
-def test_fsdp2_refuses_the_merged_mode_and_trains_unmerged(results):
-    assert result(results, "fsdp2_refuses_merged") == {"merged": "refused", "unmerged": "ran"}
+@pytest.mark.parametrize("sharded", ["root", "blocks"])
+def test_fsdp2_refuses_the_merged_mode_and_trains_unmerged(results, sharded):
+    assert result(results, f"fsdp2_refuses_merged[{sharded}]") == {"merged": "refused", "unmerged": "ran"}
+
+
+def test_one_rank_alone_can_adapt_load_and_switch(results):
+    """No collective outside DDP's forward and the data-driven choices: nothing hangs."""
+    assert result(results, "one_rank_alone")["ran"]

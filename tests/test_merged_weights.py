@@ -318,3 +318,67 @@ def test_copies_train_and_keep_w0(kind, how):
     torch.testing.assert_close(layer(x), expected_output(layer, w0, x), rtol=1e-5, atol=1e-5)
     layer.restore_base()
     assert torch.equal(layer.base_layer.weight, w0)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+@pytest.mark.parametrize("then", ["disable", "set_merged", "unwrap", "move_delta"])
+def test_a_copy_knows_its_weight_holds_a_merge_before_any_forward(kind, then):
+    """deepcopy / pickle / torch.load copy a merged weight: the copy must not take it for W0 (a reference
+    model made by deepcopy, an EMA copy, a reloaded checkpoint)."""
+    make = LAYERS[kind]
+    w0 = base_weight(make)
+    layer = copy.deepcopy(trained(make))  # no forward on the copy yet
+    x = torch.randn(3, 8)
+    if then == "disable":
+        with ftcore.disable(nn.Sequential(layer)):
+            torch.testing.assert_close(layer(x), x @ w0.t() + layer.bias, rtol=1e-5, atol=1e-5)
+        return
+    if then == "set_merged":
+        layer.set_merged(False)
+        torch.testing.assert_close(layer(x), expected_output(layer, w0, x), rtol=1e-5, atol=1e-5)
+    elif then == "unwrap":
+        assert torch.equal(layer.unwrap(with_delta=False).weight, w0)
+        return
+    elif isinstance(layer, SparseDeltaLinear):
+        layer.set_delta(torch.arange(2, 32, 5))
+    else:
+        layer.set_block(torch.tensor([0, 3]))
+    layer.restore_base()
+    assert torch.equal(layer.base_layer.weight, w0)
+
+
+def test_a_load_with_another_delta_count_fails_before_writing():
+    w0 = base_weight(sparse)
+    source = trained(sparse)
+    source.set_delta(torch.arange(0, 32, 2))  # 16 deltas, the target has 11
+    target = trained(sparse)
+    with pytest.raises(ValueError, match="different number of deltas"):
+        target.load_state_dict(source.state_dict())
+    target.restore_base()
+    assert torch.equal(target.base_layer.weight, w0)
+
+
+def test_merged_mode_refuses_tied_weights():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, tie_word_embeddings=True)
+    with pytest.raises(ValueError, match="tied weights"):
+        ftcore.apply(LlamaForCausalLM(config), ftcore.SparseDeltaConfig(density=0.05, target_modules=["lm_head"]))
+    model = ftcore.apply(LlamaForCausalLM(config), ftcore.SparseDeltaConfig(density=0.05, target_modules=["lm_head"], merged=False))
+    assert torch.equal(model.lm_head.base_layer.weight, model.model.embed_tokens.weight)
+
+
+def test_a_layer_called_outside_its_models_forward_still_sees_the_step():
+    from models import tiny_llama
+
+    model = ftcore.apply(tiny_llama(), ftcore.SparseDeltaConfig(density=0.05))
+    layer = model.model.layers[0].mlp.down_proj
+    opt = torch.optim.SGD(ftcore.trainable_parameters(model), lr=0.5)
+    ids = torch.randint(0, 128, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    x = torch.randn(3, layer.in_features)
+    w0 = tiny_llama().model.layers[0].mlp.down_proj.weight.detach()
+    torch.testing.assert_close(layer(x), (x.double() @ (w0.double() + dense_delta(layer)).t()).float(), rtol=1e-5, atol=1e-5)

@@ -62,26 +62,18 @@ _optimizer_steps = 0  # optimizer steps taken in this process, by any torch.opti
 
 
 SHARDED_MERGE = (
-    "ftcore: merged mode cannot run on a sharded weight (FSDP2 / DeepSpeed ZeRO-3): the merge would be lost when "
-    "the engine re-gathers the weight, and training would drift without an error. Apply with merged=False (the "
-    "exact unmerged path), or use DDP"
+    "ftcore: merged mode cannot run on a sharded weight (FSDP1/FSDP2 swap the layer's parameters for shards, "
+    "DeepSpeed ZeRO-3 partitions them): the merge would be lost when the engine re-gathers the weight, and "
+    "training would drift without an error. Apply with merged=False (the exact unmerged path), or use DDP"
 )
 
 
 def refuse_sharded_merge(weight: Tensor) -> None:
     """Raises for a weight that a sharding engine owns: a DeepSpeed ZeRO-3 partition (the same Parameter inside
-    and outside forward) or a DTensor. (FSDP2 hands the layer plain unsharded tensors inside forward: the
-    model pre-hook catches it, see prepare_model_layers.)"""
+    and outside forward) or a DTensor. FSDP hands the layer other, plain Parameters inside forward: that is
+    caught by DeltaLinear's ownership check."""
     if getattr(weight, "ds_id", None) is not None or type(weight).__name__ == "DTensor":
         raise RuntimeError(SHARDED_MERGE)
-
-
-def _fsdp2_module(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP2
-        return False
-    return isinstance(model, FSDPModule)
 
 
 def _count_step(optimizer, args, kwargs) -> None:
@@ -98,11 +90,12 @@ class DeltaLinear(nn.Module):
 
     method: str = ""
     adapter_tensors: Tuple[str, ...] = ()
-    # True once a model-level forward pre-hook (see prepare_model_layers) refreshes this layer before each forward
-    # of the model: a compiled forward then needs no per-layer check (no graph break per layer).
-    prepared_by_model: bool = False
     index_name: str = ""  # the buffer of delta positions
     base_name: str = ""  # the buffer of W0's values at those positions
+    # [True] while the adapted model's forward runs: its pre-hook has prepared every layer (see
+    # prepare_model_layers), so a layer's own check can be skipped, which a compiled forward needs (no graph
+    # break per layer). The list is shared by the model's layers; a layer outside a model has its own False.
+    _model_prepared = (False,)
 
     def __init__(self, base_layer: nn.Module, *, merged: bool = True):
         super().__init__()
@@ -121,26 +114,41 @@ class DeltaLinear(nn.Module):
     def _reset_state(self) -> None:
         # (version, storage) of the delta whose merge the base weight holds; None: it holds W0 exactly.
         self._merged_as: Optional[Tuple[int, int]] = None
+        self._holds_merge = False  # _merged_as is not None (a bool: compiled code guards on it, not on versions)
         # The optimizer-step count when a gradient last reached the delta after its merge (None: none since).
         self._gradient_at: Optional[int] = None
         self._stale = False  # refresh() was called
-        self._hooked: tuple = ()  # (the Parameter that carries our gradient hook,)
+        self._owned: tuple = ()  # (weight Parameter, delta Parameter) this layer was built on
+        self._hooked = False  # the delta carries our post-accumulate-grad hook
 
     def __setstate__(self, state) -> None:
-        # A copy (deepcopy, pickle, torch.load) has no tensor hooks and fresh storage: it re-merges at its
-        # first forward, which is idempotent (W0's values are kept in the base buffer).
+        # A copy (deepcopy, pickle, torch.load) has new Parameters and no tensor hooks. Its weight still holds
+        # what the original's held: a merge of an unknown version, which the next merged forward rewrites
+        # (idempotent: W0's values are kept in the base buffer) and restore_base undoes.
         super().__setstate__(state)
+        held = state.get("_merged_as") is not None
         self._reset_state()
+        if held:
+            self._set_merged_as((-1, -1))
+
+    def _set_merged_as(self, token: Optional[Tuple[int, int]]) -> None:
+        self._merged_as, self._holds_merge = token, token is not None
 
     def _on_gradient(self, param: Tensor) -> None:
         self._gradient_at = _optimizer_steps
 
+    def _adopt_parameters(self) -> None:
+        """Records the weight and delta Parameters this layer works on and hooks the delta's gradient. A later
+        different Parameter in either place means an engine swapped them (FSDP does, to shard): merged mode then
+        refuses (sync_merged). Called at construction, on a copy, and after a load that may assign new ones."""
+        self._owned = (self.base_layer._parameters["weight"], self.delta)
+        self._hooked = False
+        self._hook_gradient()
+
     def _hook_gradient(self) -> None:
-        """Puts the post-accumulate-grad hook on the delta Parameter (again, if it was replaced or copied)."""
-        delta = self.delta
-        if (not self._hooked or self._hooked[0] is not delta) and delta.requires_grad:
-            delta.register_post_accumulate_grad_hook(self._on_gradient)
-            self._hooked = (delta,)
+        if not self._hooked and self.delta.requires_grad:
+            self.delta.register_post_accumulate_grad_hook(self._on_gradient)
+            self._hooked = True
 
     # ---- to implement -------------------------------------------------------------------------------------
 
@@ -201,14 +209,14 @@ class DeltaLinear(nn.Module):
     @property
     def holds_merge(self) -> bool:
         """Whether the base weight holds W0 + Δ (else W0 exactly)."""
-        return self._merged_as is not None
+        return self._holds_merge
 
     @torch.no_grad()
     def restore_base(self) -> None:
         """merged → W0: makes the base weight hold W0 exactly (no write when it already does)."""
-        if self._merged_as is not None:
+        if self._holds_merge:
             self._write_base()
-            self._merged_as = None
+            self._set_merged_as(None)
 
     def refresh(self) -> None:
         """Makes the next forward re-merge the delta (after writing ``delta.data`` by hand)."""
@@ -229,14 +237,22 @@ class DeltaLinear(nn.Module):
     def sync_merged(self) -> None:
         """W0 or merged(Δ_old) → merged(Δ): the base weight holds W0 + Δ for the current delta (no write when it
         already does). Called before every merged forward: a few attribute reads when nothing changed."""
-        delta = self.delta
-        if not self._hooked or self._hooked[0] is not delta:
+        delta, owned = self.delta, self._owned
+        if not owned:
+            self._adopt_parameters()
+        elif owned[1] is not delta or owned[0] is not self.base_layer._parameters["weight"]:
+            raise RuntimeError(SHARDED_MERGE)
+        if not self._hooked and delta.requires_grad:
             self._hook_gradient()
         if self.delta_changed(delta):
             refuse_sharded_merge(self.base_layer.weight)
             with torch.no_grad():
+                if not self._holds_merge:
+                    # W0 → merged: take W0's values from the weight now. An engine may have rewritten W0 since they
+                    # were gathered (DDP broadcasts rank 0's weights when it wraps the model).
+                    self._gather_base()
                 self._write_merged()
-            self._merged_as = (delta._version, delta.data_ptr())
+            self._set_merged_as((delta._version, delta.data_ptr()))
             self._gradient_at = None
             self._stale = False
 
@@ -247,6 +263,14 @@ class DeltaLinear(nn.Module):
     # re-derived from W0 unless the weight, the positions and the base values arrive together.
 
     def _before_load(self, module, state_dict, prefix, *args) -> None:
+        # Shapes first: a failed load must not have written the weight (the weight would load, the buffers not).
+        for name in (self.index_name, self.base_name):
+            incoming, mine = state_dict.get(prefix + name), getattr(self, name)
+            if incoming is not None and tuple(incoming.shape) != tuple(mine.shape):
+                raise ValueError(
+                    f"{prefix or 'layer'}{name}: the state dict's shape {tuple(incoming.shape)} differs from this layer's "
+                    f"{tuple(mine.shape)}: a different number of deltas is loaded with ftcore.load_adapter, not load_state_dict"
+                )
         self.restore_base()  # the weight holds W0 under the current delta
         has = {name: prefix + name in state_dict for name in ("base_layer.weight", self.index_name, self.base_name)}
         if has["base_layer.weight"] and has[self.base_name] and not has[self.index_name]:
@@ -264,8 +288,9 @@ class DeltaLinear(nn.Module):
             self._write_base()
         else:
             self._gather_base()
-        self._merged_as = None  # W0 now; the next merged forward merges the (loaded) delta
+        self._set_merged_as(None)  # W0 now; the next merged forward merges the (loaded) delta
         self._gradient_at = None
+        self._adopt_parameters()  # load_state_dict(assign=True) puts new Parameters in place
 
     def set_merged(self, merged: bool) -> None:
         """Switch between merged (W0 + Δ in the base weight) and unmerged (W0 exactly, the delta added)."""
@@ -292,21 +317,21 @@ class DeltaLinear(nn.Module):
     def _base_forward(self, x: Tensor) -> Tensor:
         """The base layer's output (W0, no delta), computed without writing the weight: a reference forward
         (KL, DPO, GRPO) between a training forward and its backward must leave the saved merged weight alone."""
-        if self._merged_as is None:
+        if not self._holds_merge:
             return self.base_layer(x)
         return self._subtract_merged_difference(F.linear(x, self._weight(), self.bias), x)
 
     def _needs_preparation(self) -> bool:
         # Attribute reads only, so that torch.compile traces it: the unmerged path (W0 in the weight, nothing
         # to write) then compiles with fullgraph=True.
-        return not self.disabled and (self.merged or self._merged_as is not None)
+        return not self.disabled and (self.merged or self._holds_merge)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._needs_preparation():
-            if not torch.compiler.is_compiling():
+        if self._needs_preparation() and not self._model_prepared[0]:
+            if torch.compiler.is_compiling():
+                _prepare_eagerly([self])  # a layer called outside its model's forward: a graph break of its own
+            else:
                 self._prepare_weight()
-            elif not self.prepared_by_model:  # compiled, and no model pre-hook: a graph break of its own
-                _prepare_eagerly([self])
         if self.disabled:
             return self._base_forward(x)
         return self._delta_forward(x)
@@ -322,16 +347,38 @@ def _prepare_eagerly(layers) -> None:
             layer._prepare_weight()
 
 
+def _check_ranks_once(model: nn.Module, layers) -> None:
+    """At the model's first forward inside DistributedDataParallel (every rank is there, so a collective is
+    safe): every rank must hold the same delta positions and W0 values, since DDP does not broadcast them."""
+    from .. import distributed
+
+    if distributed.inside_ddp_forward():
+        distributed.check_same_on_every_rank("ftcore under DDP", {
+            f"layer {i} {buffer}": getattr(layer, buffer) for i, layer in enumerate(layers)
+            for buffer in (layer.index_name, layer.base_name)})
+        model.__dict__["_ftcore_ranks_checked"] = True
+
+
 def prepare_model_layers(model: nn.Module, args) -> None:
-    """A forward pre-hook on the adapted model (installed by ftcore.apply and load_adapter). Under
-    torch.compile it refreshes every merged layer before the model's forward: the forward's one graph break
-    (none when no layer is merged) instead of one a layer. Eager forwards need nothing from it: each layer
-    checks itself, in a few attribute reads. It also refuses merged layers in a model that FSDP2 shards."""
+    """The adapted model's forward pre-hook (installed by ftcore.apply and load_adapter): prepares every merged
+    layer before the model's forward, so that the layers skip their own checks inside it. That makes a compiled
+    model, a compiled ``model.forward`` or compiled blocks trace without a break per layer: the one break is
+    here, outside them, or at the top of a compiled model (none when no layer is merged)."""
     layers = model.__dict__.get("_ftcore_layers", ())
-    if _fsdp2_module(model) and any(layer.merged and not layer.disabled for layer in layers):
-        raise RuntimeError(SHARDED_MERGE)
-    if torch.compiler.is_compiling() and any(layer._needs_preparation() for layer in layers):
+    if not model.__dict__.get("_ftcore_ranks_checked", True) and not torch.compiler.is_compiling():
+        _check_ranks_once(model, layers)
+    if any(layer._needs_preparation() for layer in layers):
         _prepare_eagerly(layers)
+    flag = model.__dict__.get("_ftcore_prepared")
+    if flag is not None:
+        flag[0] = True
+
+
+def model_forward_done(model: nn.Module, args, output) -> None:
+    """The adapted model's forward hook (always called, also on an exception): layers check themselves again."""
+    flag = model.__dict__.get("_ftcore_prepared")
+    if flag is not None:
+        flag[0] = False
 
 
 def grad_matmul(grad_output: Tensor, weight: Tensor) -> Tensor:

@@ -131,7 +131,7 @@ class SparseDeltaLinear(DeltaLinear):
         self.register_buffer("base_values", torch.zeros(0, dtype=weight.dtype, device=weight.device))
         self.probe: Optional[GradientProbe] = None
         self.set_delta(indices, values)
-        self._hook_gradient()
+        self._adopt_parameters()
 
     @property
     def delta(self) -> nn.Parameter:

@@ -86,7 +86,7 @@ class StructuredSparseLinear(DeltaLinear):
         self.register_buffer("index", torch.zeros(0, dtype=torch.int64, device=weight.device))
         self.register_buffer("base_block", torch.zeros(0, 0, dtype=weight.dtype, device=weight.device))
         self.set_block(index, block)
-        self._hook_gradient()
+        self._adopt_parameters()
 
     @property
     def delta(self) -> nn.Parameter:

@@ -120,15 +120,29 @@ class SparseDeltaScheduler:
     @torch.no_grad()
     def regrow(self) -> None:
         """Drop and regrow every layer now, using what its probe has gathered."""
-        reset = []
+        reset, stateless = [], []
         for name, module in self.layers.items():
             probe, module.probe = module.probe, None
-            if probe is None or probe.candidates is None:
+            # the layer regrows on every rank or on none: its choice takes collectives
+            observed = probe is not None and probe.candidates is not None
+            if not distributed.all_agree(observed):
+                if not distributed.all_agree(not observed):
+                    raise RuntimeError(f"SparseDeltaScheduler: layer {name!r} ran backward on some ranks only; under "
+                                       "torch.distributed every rank must run every adapted layer's backward")
                 continue
+            if not self.optimizer.state.get(module.values) and self.optimizer.state:
+                stateless.append(name)
             if not self._regrow_layer(module, probe, self._grow_count(module)):
                 reset.append(name)
         distributed.check_same_on_every_rank(
             "SparseDeltaScheduler.regrow", {f"{name}.indices": m.indices for name, m in self.layers.items()})
+        if stateless:
+            warnings.warn(
+                f"SparseDeltaScheduler: the optimizer keeps no state for the delta values of {len(stateless)} layers "
+                f"({', '.join(stateless[:3])}{', ...' if len(stateless) > 3 else ''}) though it holds state for others: "
+                "if a wrapper or a sharded optimizer keeps it elsewhere, it was not moved with the entries",
+                stacklevel=2,
+            )
         if reset:
             warnings.warn(
                 f"SparseDeltaScheduler: the optimizer state of {len(reset)} layers ({', '.join(reset[:3])}"

@@ -178,6 +178,9 @@ class _CalibrationStats:
 
     def run(self, calibration) -> None:
         """Hooks in, passes over the calibration batches, hooks out; the model is as before whatever happens."""
+        if self.kind == "gradient" and distributed.active():  # a reduction per batch: every rank, the same count
+            calibration = list(calibration)
+            distributed.check_same_count("the number of calibration batches", len(calibration))
         try:
             self._attach()
             run_calibration(self.model, calibration, backward=self.kind == "gradient")

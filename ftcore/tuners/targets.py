@@ -13,7 +13,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 from torch import nn
 
 from .. import distributed
-from ..nn.base import DeltaLinear, is_linear_like, prepare_model_layers
+from ..nn.base import DeltaLinear, is_linear_like, model_forward_done, prepare_model_layers
 
 Targets = Union[str, Sequence[str], None]
 
@@ -114,6 +114,7 @@ def install(
             set_submodule(model, name, wrapped[name])
         if finish is not None:
             finish(wrapped)
+        refuse_shared_merged_weights(model, wrapped)
     except BaseException:
         for name, module in wrapped.items():
             set_submodule(model, name, module.unwrap(with_delta=False))
@@ -126,31 +127,54 @@ def install(
     return model
 
 
-def track_layers(model: nn.Module, layers: Dict[str, DeltaLinear]) -> None:
-    """Keeps the model's ftcore layers on it, with the one forward pre-hook that prepares them all before each
-    forward of the model (see ftcore.nn.base.prepare_model_layers)."""
-    untrack_layers(model, keep_hook=True)
-    model.__dict__["_ftcore_layers"] = list(layers.values())
-    for layer in layers.values():
-        layer.prepared_by_model = True
-    if model.__dict__.get("_ftcore_hook") is None:
-        model.__dict__["_ftcore_hook"] = model.register_forward_pre_hook(prepare_model_layers)
-
-
-def untrack_layers(model: nn.Module, keep_hook: bool = False) -> None:
-    for layer in model.__dict__.pop("_ftcore_layers", ()):
-        layer.prepared_by_model = False
-    if not keep_hook and model.__dict__.get("_ftcore_hook") is not None:
-        model.__dict__.pop("_ftcore_hook").remove()
+def refuse_shared_merged_weights(model: nn.Module, layers: Dict[str, DeltaLinear]) -> None:
+    """A merged layer writes W0 + Δ into its weight: if that storage is also another parameter (tied input and
+    output embeddings) or the layer is used elsewhere too, those uses would change with it. Raises for those."""
+    owners: Dict[int, List[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(p.untyped_storage().data_ptr(), []).append(name)
+    for name, layer in layers.items():
+        if not layer.merged:
+            continue
+        sharing = [n for n in owners.get(layer.base_layer.weight.untyped_storage().data_ptr(), [])
+                   if n != f"{name}.base_layer.weight"]
+        if sharing:
+            raise ValueError(
+                f"{name}: its weight is also {', '.join(sharing[:3])} (tied weights or a layer used twice): merged mode "
+                "would write the delta into those too. Exclude the layer, or use merged=False"
+            )
 
 
 def record_positions(model: nn.Module, layers: Dict[str, DeltaLinear]) -> None:
-    """Under torch.distributed: checks that every rank holds the same delta positions and the same W0 values
-    there (raises otherwise), and keeps those buffers out of DDP's broadcast. DDP would otherwise copy rank 0's
-    buffers over every rank's at every forward (more bytes than the gradients' all-reduce); they are equal on
-    every rank by construction, and this check is what makes that so."""
-    buffers = {f"{name}.{buffer}": getattr(layer, buffer) for name, layer in layers.items()
-               for buffer in (layer.index_name, layer.base_name)}
-    distributed.check_same_on_every_rank("ftcore", buffers)
+    """Keeps the delta positions and W0's values there out of DDP's buffer broadcast (DDP would copy rank 0's
+    over every rank's at every forward: more bytes than the gradients' all-reduce). They are equal on every
+    rank by construction; the model's first forward inside DDP checks that they are (see
+    ftcore.nn.base.prepare_model_layers), and raises if not."""
+    buffers = [f"{name}.{buffer}" for name, layer in layers.items() for buffer in (layer.index_name, layer.base_name)]
     ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
     model._ddp_params_and_buffers_to_ignore = sorted(ignored | set(buffers))
+    model.__dict__["_ftcore_ranks_checked"] = False
+
+
+def track_layers(model: nn.Module, layers: Dict[str, DeltaLinear]) -> None:
+    """Keeps the model's ftcore layers on it, with the forward pre-hook that prepares them all before each
+    forward of the model and the flag that tells them so (see ftcore.nn.base.prepare_model_layers)."""
+    untrack_layers(model, keep_hooks=True)
+    flag = model.__dict__.setdefault("_ftcore_prepared", [False])
+    model.__dict__["_ftcore_layers"] = list(layers.values())
+    for layer in layers.values():
+        layer._model_prepared = flag
+    if model.__dict__.get("_ftcore_hooks") is None:
+        model.__dict__["_ftcore_hooks"] = (
+            model.register_forward_pre_hook(prepare_model_layers),
+            model.register_forward_hook(model_forward_done, always_call=True),
+        )
+
+
+def untrack_layers(model: nn.Module, keep_hooks: bool = False) -> None:
+    for layer in model.__dict__.pop("_ftcore_layers", ()):
+        layer.__dict__.pop("_model_prepared", None)
+    if not keep_hooks:
+        for handle in model.__dict__.pop("_ftcore_hooks", None) or ():
+            handle.remove()
+        model.__dict__.pop("_ftcore_prepared", None)
