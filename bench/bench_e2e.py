@@ -26,7 +26,6 @@ import datetime
 import gc
 import json
 import os
-import statistics
 import sys
 import traceback
 import warnings
@@ -35,9 +34,10 @@ from typing import Callable, Dict, Optional
 import torch
 
 import ftcore
+from ftcore._measure import time_interleaved
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_sparse_delta import RESULTS, machine_name  # noqa: E402
+from bench_sparse_delta import RESULTS, ceilings, machine_name  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # PEFT on transformers 5
 
@@ -102,32 +102,7 @@ def prepare(method: str, model, shapes: dict, layers: int):
 def gemm_rate(device, dtype) -> float:
     """Dense GEMM flop/s on this device now (8192³ on a GPU, 1024³ on a CPU), random operands."""
     n = 8192 if torch.device(device).type == "cuda" else 1024
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    times = timed_calls(lambda: a @ b, device, warmup=2, steps=5)
-    return 2 * n**3 / statistics.median(times)
-
-
-def timed_calls(fn: Callable[[], None], device, *, warmup: int, steps: int) -> list:
-    """Seconds of each of `steps` calls after `warmup` calls (CUDA events on a GPU)."""
-    import time
-
-    for _ in range(warmup):
-        fn()
-    cuda = torch.device(device).type == "cuda"
-    out = []
-    for _ in range(steps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            out.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-    return out
+    return ceilings(device, dtype, copy_bytes=1 << 20, gemm=(n, n, n))["gemm_flops"]
 
 
 def measure(method: str, shapes: dict, layers: int, batch: int, seq: int, device, dtype, *, warmup: int, steps: int) -> dict:
@@ -151,23 +126,19 @@ def measure(method: str, shapes: dict, layers: int, batch: int, seq: int, device
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
 
-    times = timed_calls(step, device, warmup=warmup, steps=steps)
+    t = time_interleaved({"step": step}, repeats=steps, warmup=warmup, device=device)["step"]
     row = {
         "method": method,
         "trainable": sum(p.numel() for p in params),
         "total_params": sum(p.numel() for p in model.parameters()),
-        "step_ms": statistics.median(times) * 1e3,
-        "step_ms_min_max": [min(times) * 1e3, max(times) * 1e3],
-        "tokens_per_s": batch * seq / statistics.median(times),
+        "step_ms": t.median * 1e3,
+        "step_ms_iqr": [t.q1 * 1e3, t.q3 * 1e3],
+        "tokens_per_s": batch * seq / t.median,
         "losses": [float(x) for x in losses],
     }
     if cuda:
         row["peak_gb"] = (torch.cuda.max_memory_allocated(device) - start_bytes) / 2**30
-    del model, params, optimizer, losses
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-    return row
+    return row  # the model goes with this frame; the next measure() collects and empties the cache first
 
 
 def linear_params(shapes: dict, layers: int) -> int:
@@ -200,7 +171,7 @@ def markdown(meta: dict, rows: Dict[str, dict]) -> list:
              f"batch {meta['batch']} x {meta['seq']} tokens, {meta['dtype']}, AdamW; {meta['steps']} timed steps after "
              f"{meta['warmup']} warm-up. Dense GEMM in this run: "
              f"{meta['gemm_tflops']:.1f} TFLOP/s.", "",
-             "| method | trainable | step ms (median) | min–max | floor ms | peak GB | time vs full | memory vs full | time vs LoRA | memory vs LoRA |",
+             "| method | trainable | step ms (median) | IQR | floor ms | peak GB | time vs full | memory vs full | time vs LoRA | memory vs LoRA |",
              "|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(row, key, fmt):
@@ -213,7 +184,7 @@ def markdown(meta: dict, rows: Dict[str, dict]) -> list:
         if "error" in row:
             lines.append(f"| {names[method]} | – | {row['error']} | | | | | | | |")
             continue
-        lo, hi = row["step_ms_min_max"]
+        lo, hi = row["step_ms_iqr"]
         lines.append(f"| {names[method]} | {row['trainable']:,} | {row['step_ms']:.1f} | {lo:.1f}–{hi:.1f} | "
                      f"{f(row, 'floor_ms', '.1f')} | {f(row, 'peak_gb', '.2f')} | {f(row, 'time_vs_full', '.3f')} | "
                      f"{f(row, 'memory_vs_full', '.3f')} | {f(row, 'time_vs_lora', '.3f')} | {f(row, 'memory_vs_lora', '.3f')} |")

@@ -15,7 +15,7 @@ from .tuners import adapter as adapter_files
 from .tuners.planner import BackpropPlan
 from .tuners.sparse_delta import SparseDeltaConfig, apply_sparse_delta
 from .tuners.structured import StructuredSparseConfig, apply_structured
-from .tuners.targets import install, record_positions, set_submodule, track_layers, untrack_layers
+from .tuners.targets import install, set_submodule, track_layers, untrack_layers
 
 CONFIGS = {cls.method: cls for cls in (SparseDeltaConfig, StructuredSparseConfig)}
 
@@ -155,7 +155,6 @@ def switch_adapter(model: nn.Module, adapter: Union[str, adapter_files.Adapter])
             fresh.sync_merged()  # write the new delta now, not at the first forward
         set_submodule(model, name, fresh)
     model.__dict__.setdefault("_ftcore_state", {"requires_grad": {}})["config"] = config
-    record_positions(model, adapter_layers(model))
     track_layers(model, adapter_layers(model))
     return model
 

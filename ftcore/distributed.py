@@ -1,10 +1,10 @@
 """What ftcore needs from torch.distributed: every rank makes the same choices from the whole batch.
 
 Data-driven choices (gradient and activation selection, the backprop planner, SpIEL's regrowth) reduce their
-statistics over the ranks before choosing, and `apply` checks that every rank ended with the same positions
-and the same W0 values there. These run only when a default process group is initialised with more than one
-rank, and every rank must make the same calls in the same order (as in any SPMD script: every rank runs
-`ftcore.apply`, the scheduler, the calibration).
+statistics over the ranks before choosing; the model's first forward inside DDP and every regrowth check that
+every rank holds the same positions and the same W0 values there. These run only when a default process group
+is initialised with more than one rank, and every rank must make the same calls in the same order (as in any
+SPMD script: every rank runs the data-driven `ftcore.apply`, the scheduler, the calibration).
 
 ftcore's collectives run in a process group of their own (over all ranks, or the data-parallel ranks given to
 `set_data_parallel_group`), so that the few issued during a backward pass (a gradient probe's first batch, a
@@ -83,10 +83,7 @@ def union_over_ranks(positions: Tensor) -> Tensor:
     if not active():
         return torch.unique(positions)
     group, world = _ftcore_group(), _size()
-    count = _comm(torch.tensor([positions.numel()], dtype=torch.int64))
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count, group=group)
-    width = int(max(c.item() for c in counts))
+    width = max(_gather_counts(positions.numel()))
     padded = _comm(torch.full((width,), -1, dtype=torch.int64))
     padded[: positions.numel()] = _comm(positions.long())
     gathered = [torch.empty_like(padded) for _ in range(world)]
@@ -95,14 +92,19 @@ def union_over_ranks(positions: Tensor) -> Tensor:
     return torch.unique(everything[everything >= 0]).to(device=positions.device, dtype=positions.dtype)
 
 
+def _gather_counts(n: int) -> List[int]:
+    """Every rank's `n`, in rank order (under an active process group)."""
+    count = _comm(torch.tensor([n], dtype=torch.int64))
+    counts = [torch.zeros_like(count) for _ in range(_size())]
+    dist.all_gather(counts, count, group=_ftcore_group())
+    return [int(c.item()) for c in counts]
+
+
 def check_same_count(what: str, n: int) -> None:
     """Raises RuntimeError on every rank unless `n` is the same on every rank (nothing without a process group)."""
     if not active():
         return
-    count = _comm(torch.tensor([n], dtype=torch.int64))
-    counts = [torch.zeros_like(count) for _ in range(_size())]
-    dist.all_gather(counts, count, group=_ftcore_group())
-    values = [int(c.item()) for c in counts]
+    values = _gather_counts(n)
     if len(set(values)) > 1:
         raise RuntimeError(f"{what} differs between the ranks: {values}")
 

@@ -147,19 +147,26 @@ def step_once(layer, optimizer, x):
     optimizer.zero_grad()
 
 
+def step_a_flat_copy(layer, x):
+    """One step the way DeepSpeed ZeRO-1/2 takes it: the delta becomes a view of the engine's flat buffer, the
+    engine moves the gradient there and steps the buffer, never the delta itself (no in-place op on it, no
+    optimizer holding it)."""
+    flat = layer.delta.detach().flatten().clone()
+    layer.delta.data = flat.view_as(layer.delta)
+    inner = torch.optim.SGD([flat], lr=1.0)
+    layer(x).sum().backward()
+    flat.grad = layer.delta.grad.flatten().clone()
+    inner.step()
+
+
 @pytest.mark.parametrize("kind", sorted(LAYERS))
 def test_a_step_on_a_copy_of_the_delta_is_seen(kind):
-    """An engine that steps a flat copy of the delta and writes back through .data (DeepSpeed ZeRO-1/2): no
-    in-place op on the delta, no optimizer holding it; the gradient hook and the step count see it."""
+    """An engine that steps a flat copy of the delta and writes back through .data: the gradient hook and the
+    step count see it."""
     make = LAYERS[kind]
     layer, w0 = make(), base_weight(make)
     x = torch.randn(3, 8)
-    flat = torch.zeros(layer.delta.numel())
-    layer.delta.data = flat.view_as(layer.delta)  # the parameter is a view of the engine's flat buffer
-    inner = torch.optim.SGD([flat], lr=1.0)
-    layer(x).sum().backward()
-    flat.grad = layer.delta.grad.flatten().clone()  # the engine moves the gradient to its flat partition
-    inner.step()  # steps `flat`, never the delta itself
+    step_a_flat_copy(layer, x)
     assert layer.delta.detach().abs().sum() > 0
     torch.testing.assert_close(layer(x), expected_output(layer, w0, x), rtol=1e-5, atol=1e-5)
 
@@ -307,14 +314,7 @@ def test_copies_train_and_keep_w0(kind, how):
     layer = copied[0]
     x = torch.randn(3, 8)
     torch.testing.assert_close(layer(x), model[0](x))
-    # the copy trains on its own, with an engine-style step its gradient hook must see
-    flat = torch.zeros(layer.delta.numel())
-    flat.copy_(layer.delta.detach().flatten())
-    layer.delta.data = flat.view_as(layer.delta)
-    inner = torch.optim.SGD([flat], lr=1.0)
-    layer(x).sum().backward()
-    flat.grad = layer.delta.grad.flatten().clone()
-    inner.step()
+    step_a_flat_copy(layer, x)  # the copy trains on its own, with a step its gradient hook must see
     torch.testing.assert_close(layer(x), expected_output(layer, w0, x), rtol=1e-5, atol=1e-5)
     layer.restore_base()
     assert torch.equal(layer.base_layer.weight, w0)

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .. import distributed
+
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' Conv1D (GPT-2) or a subclass, which keep the weight as (in, out). Recognised by name, so
     that ftcore's ops and modules never import transformers (about a second and 20 MB)."""
@@ -141,8 +143,9 @@ class DeltaLinear(nn.Module):
         """Records the weight and delta Parameters this layer works on and hooks the delta's gradient. A later
         different Parameter in either place means an engine swapped them (FSDP does, to shard): merged mode then
         refuses (sync_merged). Called at construction, on a copy, and after a load that may assign new ones."""
+        if self._owned and self._owned[1] is not self.delta:
+            self._hooked = False  # a new delta Parameter: it has no hook yet (the old one keeps its own)
         self._owned = (self.base_layer._parameters["weight"], self.delta)
-        self._hooked = False
         self._hook_gradient()
 
     def _hook_gradient(self) -> None:
@@ -350,8 +353,6 @@ def _prepare_eagerly(layers) -> None:
 def _check_ranks_once(model: nn.Module, layers) -> None:
     """At the model's first forward inside DistributedDataParallel (every rank is there, so a collective is
     safe): every rank must hold the same delta positions and W0 values, since DDP does not broadcast them."""
-    from .. import distributed
-
     if distributed.inside_ddp_forward():
         distributed.check_same_on_every_rank("ftcore under DDP", {
             f"layer {i} {buffer}": getattr(layer, buffer) for i, layer in enumerate(layers)

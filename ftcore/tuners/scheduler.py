@@ -6,10 +6,10 @@ Every `regrow_every` optimizer steps, each SparseDeltaLinear
      dense gradient's top entries on the first of the last `accumulate_steps` steps (the chunked top-k: never
      a dense gradient in memory) and their exact gradients are summed over those steps;
 so the number of deltas stays constant. The optimizer's per-entry state follows its entry: kept entries keep
-their moments, new entries start from zero. Only state of a known layout moves (floating tensors shaped like the
-values: Adam's moments, SGD's momentum, RMSprop's and Adagrad's sums); state of any other layout, such as
-bitsandbytes' 8-bit codes with their per-block scales, is reset for that layer, with a warning. The drop fraction can decay to zero with a cosine schedule
-(RigL's), set by `total_steps`.
+their moments, new entries start from zero. Only state of a known layout moves (floating tensors shaped like
+the values: Adam's moments, SGD's momentum, RMSprop's and Adagrad's sums); state of any other layout, such as
+bitsandbytes' 8-bit codes with their per-block scales, is reset for that layer, with a warning. The drop
+fraction can decay to zero with a cosine schedule (RigL's), set by `total_steps`.
 """
 
 import math
@@ -21,6 +21,7 @@ from torch import nn
 
 from .. import distributed
 from ..nn.sparse_delta import GradientProbe, SparseDeltaLinear
+
 
 def remap_optimizer_state(state: Dict[str, object], param: torch.Tensor, remap: Callable[[torch.Tensor], torch.Tensor]) -> bool:
     """Moves a parameter's optimizer state with its entries, in place. Floating tensors of the parameter's

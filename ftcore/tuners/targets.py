@@ -12,7 +12,6 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 from torch import nn
 
-from .. import distributed
 from ..nn.base import DeltaLinear, is_linear_like, model_forward_done, prepare_model_layers
 
 Targets = Union[str, Sequence[str], None]
@@ -122,7 +121,6 @@ def install(
             p.requires_grad_(requires_grad[name])
         raise
     model._ftcore_state = {"config": config, "requires_grad": requires_grad}
-    record_positions(model, wrapped)
     track_layers(model, wrapped)
     return model
 
@@ -145,20 +143,17 @@ def refuse_shared_merged_weights(model: nn.Module, layers: Dict[str, DeltaLinear
             )
 
 
-def record_positions(model: nn.Module, layers: Dict[str, DeltaLinear]) -> None:
-    """Keeps the delta positions and W0's values there out of DDP's buffer broadcast (DDP would copy rank 0's
+def track_layers(model: nn.Module, layers: Dict[str, DeltaLinear]) -> None:
+    """Keeps the model's ftcore layers on it, with the forward pre-hook that prepares them all before each
+    forward of the model and the flag that tells them so (see ftcore.nn.base.prepare_model_layers).
+
+    Also keeps the delta positions and W0's values there out of DDP's buffer broadcast (DDP would copy rank 0's
     over every rank's at every forward: more bytes than the gradients' all-reduce). They are equal on every
-    rank by construction; the model's first forward inside DDP checks that they are (see
-    ftcore.nn.base.prepare_model_layers), and raises if not."""
+    rank by construction; the model's first forward inside DDP checks that they are, and raises if not."""
     buffers = [f"{name}.{buffer}" for name, layer in layers.items() for buffer in (layer.index_name, layer.base_name)]
     ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
     model._ddp_params_and_buffers_to_ignore = sorted(ignored | set(buffers))
     model.__dict__["_ftcore_ranks_checked"] = False
-
-
-def track_layers(model: nn.Module, layers: Dict[str, DeltaLinear]) -> None:
-    """Keeps the model's ftcore layers on it, with the forward pre-hook that prepares them all before each
-    forward of the model and the flag that tells them so (see ftcore.nn.base.prepare_model_layers)."""
     untrack_layers(model, keep_hooks=True)
     flag = model.__dict__.setdefault("_ftcore_prepared", [False])
     model.__dict__["_ftcore_layers"] = list(layers.values())
