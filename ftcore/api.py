@@ -7,7 +7,10 @@ import warnings
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from . import distributed, engines
 
 from .nn.base import DeltaLinear, logical_weight
 from .nn.sparse_delta import SparseDeltaLinear
@@ -60,7 +63,7 @@ def _layers_or_raise(model: nn.Module) -> Dict[str, DeltaLinear]:
 def _base_model_info(model: nn.Module) -> dict:
     config = getattr(model, "config", None)
     return {
-        "class": type(model).__name__,
+        "class": engines.base_class(getattr(model, "_fsdp_wrapped_module", model)).__name__,
         "model_type": getattr(config, "model_type", None),
         "name_or_path": getattr(config, "_name_or_path", None) or None,
     }
@@ -68,8 +71,15 @@ def _base_model_info(model: nn.Module) -> dict:
 
 def save_adapter(model: nn.Module, path: str, *, overwrite: bool = False) -> None:
     """Writes ``adapter_config.json`` + ``adapter_model.safetensors`` to directory `path`. Refuses to replace
-    an adapter already there unless ``overwrite=True``."""
-    layers = _layers_or_raise(model)
+    an adapter already there unless ``overwrite=True``. Values are saved in fp32 whatever the engine ran.
+
+    Under torch.distributed rank 0 writes (the model may be wrapped: DDP, FSDP1, a DeepSpeed engine). Where an
+    engine shards the deltas (FSDP1, FSDP2, DeepSpeed ZeRO, which also keeps their fp32 masters) this is a
+    collective: every rank calls it, takes part in gathering them, and raises if rank 0 could not write; it
+    returns once the files are there. Otherwise (single process, DDP) ranks other than 0 write nothing, and
+    calling it on rank 0 alone is enough."""
+    model = engines.unwrap(model)
+    layers = {engines.clean_name(name): m for name, m in _layers_or_raise(model).items()}
     methods = {m.method for m in layers.values()}
     if len(methods) != 1:
         raise ValueError(f"the model mixes adapter methods {sorted(methods)}; an adapter file holds one")
@@ -83,8 +93,26 @@ def save_adapter(model: nn.Module, path: str, *, overwrite: bool = False) -> Non
             f"({', '.join(left_out[:3])}{', ...' if len(left_out) > 3 else ''}) are not in the adapter: save them yourself",
             stacklevel=2,
         )
-    records = {name: adapter_files.record_of(m) for name, m in layers.items()}
-    adapter_files.save(path, methods.pop(), config.to_dict() if config is not None else {}, records, _base_model_info(model), overwrite)
+    method, config = methods.pop(), config.to_dict() if config is not None else {}
+    writer = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if not any(engines.needs_gather(m.delta) for m in layers.values()):
+        if writer:
+            records = {name: adapter_files.record_of(m) for name, m in layers.items()}
+            adapter_files.save(path, method, config, records, _base_model_info(model), overwrite)
+        return
+    # A collective from here: a refusal or a failure on rank 0 is raised on every rank, none is left waiting.
+    if not distributed.all_agree(not writer or overwrite or not adapter_files.exists(path)):
+        raise FileExistsError(adapter_files.refusal_to_overwrite(path))
+    with engines.fsdp1_full_params(model):
+        records = {name: adapter_files.record_of(m, engines.full_fp32) for name, m in layers.items()}
+    failure = None
+    if writer:
+        try:
+            adapter_files.save(path, method, config, records, _base_model_info(model), overwrite)
+        except Exception as exc:  # noqa: BLE001  (re-raised below, after every rank has heard of it)
+            failure = exc
+    if not distributed.all_agree(failure is None):
+        raise failure if failure is not None else RuntimeError(f"rank 0 could not write the adapter to {path}")
 
 
 def _read_config(saved: adapter_files.Adapter):

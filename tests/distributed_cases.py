@@ -188,26 +188,6 @@ def case_one_rank_alone(folder):
     return {"ran": bool(ok)}
 
 
-def case_fsdp2_refuses_merged(root):
-    """Until merged mode is made exact under sharding, FSDP2 gets a clear error, never a silent drift, whether
-    or not the root is sharded; the unmerged path trains."""
-    from torch.distributed.fsdp import fully_shard
-
-    out = {}
-    for merged in (True, False):
-        model = ftcore.apply(tiny_llama(), sparse_config(merged=merged))
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model if root else model.model)
-        ids = shard(batches(1)[0])
-        try:
-            model(input_ids=ids, labels=ids).loss.backward()
-            out["merged" if merged else "unmerged"] = "ran"
-        except RuntimeError as exc:
-            out["merged" if merged else "unmerged"] = "refused" if "sharded weight" in str(exc) else f"error: {exc}"
-    return out
-
-
 CASES = {
     **{f"selection[{n}]": (case_selection, (n,)) for n in SELECTIONS},
     **{f"training[{n}]": (case_training, (n,)) for n in TRAINING},
@@ -216,8 +196,6 @@ CASES = {
     "regrowth[unmerged]": (case_regrowth, (False,)),
     "buffers_stay_out_of_the_broadcast": (case_buffers_stay_out_of_the_broadcast, ()),
     "ranks_that_differ_are_refused": (case_ranks_that_differ_are_refused, ()),
-    "fsdp2_refuses_merged[root]": (case_fsdp2_refuses_merged, (True,)),
-    "fsdp2_refuses_merged[blocks]": (case_fsdp2_refuses_merged, (False,)),
     "one_rank_alone": (case_one_rank_alone, ("FOLDER",)),
 }
 

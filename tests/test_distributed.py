@@ -15,7 +15,10 @@ import torch.multiprocessing as mp
 
 import distributed_cases
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +69,6 @@ def test_position_buffers_stay_out_of_ddps_broadcast(results):
 
 def test_ranks_that_chose_differently_are_refused(results):
     assert result(results, "ranks_that_differ_are_refused")["refused"]
-
-
-@pytest.mark.parametrize("sharded", ["root", "blocks"])
-def test_fsdp2_refuses_the_merged_mode_and_trains_unmerged(results, sharded):
-    assert result(results, f"fsdp2_refuses_merged[{sharded}]") == {"merged": "refused", "unmerged": "ran"}
 
 
 def test_one_rank_alone_can_adapt_load_and_switch(results):

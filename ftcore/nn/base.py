@@ -26,6 +26,7 @@ Writing ``delta.data`` by hand outside any optimizer and outside autograd is inv
 Keep the delta in fp32: ``model.to(torch.bfloat16)`` after ``apply`` would cast the master copy too.
 """
 
+import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .. import distributed
+from .. import distributed, engines
 
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' Conv1D (GPT-2) or a subclass, which keep the weight as (in, out). Recognised by name, so
@@ -63,19 +64,26 @@ def delta_dtype_for(weight: Tensor) -> torch.dtype:
 _optimizer_steps = 0  # optimizer steps taken in this process, by any torch.optim optimizer
 
 
-SHARDED_MERGE = (
-    "ftcore: merged mode cannot run on a sharded weight (FSDP1/FSDP2 swap the layer's parameters for shards, "
-    "DeepSpeed ZeRO-3 partitions them): the merge would be lost when the engine re-gathers the weight, and "
-    "training would drift without an error. Apply with merged=False (the exact unmerged path), or use DDP"
-)
+def _sharded_merge_error(engine: str) -> RuntimeError:
+    return RuntimeError(
+        f"ftcore: merged mode cannot run on a weight that {engine} shards: the merge would be lost when the engine "
+        "re-gathers the weight, and training would drift without an error. ftcore trains such layers on the exact "
+        "unmerged path (merged=False); merging into the weight needs the model unwrapped (single process or DDP)"
+    )
 
 
-def refuse_sharded_merge(weight: Tensor) -> None:
-    """Raises for a weight that a sharding engine owns: a DeepSpeed ZeRO-3 partition (the same Parameter inside
-    and outside forward) or a DTensor. FSDP hands the layer other, plain Parameters inside forward: that is
-    caught by DeltaLinear's ownership check."""
-    if getattr(weight, "ds_id", None) is not None or type(weight).__name__ == "DTensor":
-        raise RuntimeError(SHARDED_MERGE)
+_warned_fallback = set()
+
+
+def _warn_fallback_once(engine: str) -> None:
+    if engine not in _warned_fallback:
+        _warned_fallback.add(engine)
+        warnings.warn(
+            f"ftcore: {engine} shards the base weights, so merged mode (W0 + delta written into the weight) would "
+            "be lost at the engine's re-gather; these layers run the exact unmerged path instead (W0 read through "
+            "the engine, the delta's product added). Apply with merged=False to silence this warning",
+            stacklevel=3,
+        )
 
 
 def _count_step(optimizer, args, kwargs) -> None:
@@ -103,10 +111,24 @@ class DeltaLinear(nn.Module):
         super().__init__()
         if not is_linear_like(base_layer):
             raise TypeError(f"{type(self).__name__} wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}")
+        engine = engines.sharding_of(base_layer.weight)
+        if engine in ("FSDP1", "FSDP2"):
+            raise ValueError(
+                f"{type(self).__name__}: {engine} already shards this layer's weight; adapt the model (ftcore.apply, "
+                "ftcore.load_adapter) before the engine wraps it"
+            )
+        if engine is not None and base_layer.weight.numel() == 0:
+            raise ValueError(
+                f"{type(self).__name__}: DeepSpeed ZeRO-3 has partitioned this layer's weight; build the layer inside "
+                "deepspeed.zero.GatheredParameters([weight]) (ftcore.apply and ftcore.load_adapter do)"
+            )
         self.base_layer = base_layer
         for p in base_layer.parameters():
             p.requires_grad_(False)
-        self.out_features, self.in_features = logical_weight(base_layer).shape
+        self.out_features, self.in_features = engines.logical_shape(base_layer)
+        if merged and engine is not None:  # ZeRO-3 (here inside a gather): exact only unmerged
+            _warn_fallback_once(engine)
+            merged = False
         self.merged = merged
         self.disabled = False
         self._reset_state()
@@ -214,10 +236,42 @@ class DeltaLinear(nn.Module):
         """Whether the base weight holds W0 + Δ (else W0 exactly)."""
         return self._holds_merge
 
+    def _sharded_by(self) -> Optional[str]:
+        """The engine that shards this layer's weight or delta, or None when both are whole tensors (single
+        process, DDP, ZeRO-1/2). A few attribute reads."""
+        weight = self.base_layer._parameters.get("weight")
+        if weight is None:
+            return "FSDP1"  # without use_orig_params FSDP1 removes the Parameters
+        engine = engines.sharding_of(weight) or engines.sharding_of(self.delta)
+        owned = self._owned
+        if engine is None and owned and (owned[0] is not weight or owned[1] is not self.delta):
+            engine = "FSDP2"  # inside a unit's forward FSDP2 swaps in unsharded Parameters, freed after it
+        return engine
+
+    def refuse_moving_when_sharded(self) -> None:
+        """Moving the delta (set_delta, set_block: SpIEL's regrowth) rewrites the delta Parameter and W0's
+        values: not possible once an engine has sharded them. Raises RuntimeError then."""
+        weight = self.base_layer._parameters.get("weight")
+        engine = "FSDP1" if weight is None else engines.sharding_of(self.delta) or engines.sharding_of(weight)
+        if engine == "DeepSpeed ZeRO-3" and not engines.is_zero3(self.delta) and weight.numel() > 0:
+            engine = None  # building the layer inside a gather of its ZeRO-3 weight, before the engine starts
+        if engine is not None:
+            raise RuntimeError(
+                f"ftcore: the delta cannot move to new positions under {engine} (it shards the delta and the weight); "
+                "SpIEL regrowth and set_delta/set_block run on a single process or under DDP"
+            )
+
     @torch.no_grad()
     def restore_base(self) -> None:
         """merged → W0: makes the base weight hold W0 exactly (no write when it already does)."""
         if self._holds_merge:
+            engine = self._sharded_by()
+            if engine is not None:
+                raise RuntimeError(
+                    f"ftcore: this layer's weight held W0 + delta (a merged forward ran) when {engine} sharded it, and "
+                    "the shards cannot be restored to W0 here. Call ftcore.unmerge(model) before the engine wraps the "
+                    "model, or apply with merged=False"
+                )
             self._write_base()
             self._set_merged_as(None)
 
@@ -240,15 +294,15 @@ class DeltaLinear(nn.Module):
     def sync_merged(self) -> None:
         """W0 or merged(Δ_old) → merged(Δ): the base weight holds W0 + Δ for the current delta (no write when it
         already does). Called before every merged forward: a few attribute reads when nothing changed."""
-        delta, owned = self.delta, self._owned
-        if not owned:
+        delta = self.delta
+        if not self._owned:
             self._adopt_parameters()
-        elif owned[1] is not delta or owned[0] is not self.base_layer._parameters["weight"]:
-            raise RuntimeError(SHARDED_MERGE)
+        engine = self._sharded_by()
+        if engine is not None:
+            raise _sharded_merge_error(engine)
         if not self._hooked and delta.requires_grad:
             self._hook_gradient()
         if self.delta_changed(delta):
-            refuse_sharded_merge(self.base_layer.weight)
             with torch.no_grad():
                 if not self._holds_merge:
                     # W0 → merged: take W0's values from the weight now. An engine may have rewritten W0 since they
@@ -313,9 +367,13 @@ class DeltaLinear(nn.Module):
         if self.disabled:
             return  # a disabled forward never writes: a live graph may hold this weight (see _base_forward)
         if self.merged:
-            self.sync_merged()
-        else:
-            self.restore_base()
+            engine = self._sharded_by()
+            if engine is None:
+                self.sync_merged()
+                return
+            _warn_fallback_once(engine)  # the same on every rank: they all run the same engine
+            self.merged = False
+        self.restore_base()
 
     def _base_forward(self, x: Tensor) -> Tensor:
         """The base layer's output (W0, no delta), computed without writing the weight: a reference forward
@@ -351,9 +409,10 @@ def _prepare_eagerly(layers) -> None:
 
 
 def _check_ranks_once(model: nn.Module, layers) -> None:
-    """At the model's first forward inside DistributedDataParallel (every rank is there, so a collective is
-    safe): every rank must hold the same delta positions and W0 values, since DDP does not broadcast them."""
-    if distributed.inside_ddp_forward():
+    """At the model's first forward inside DistributedDataParallel or a sharding engine (every rank is there,
+    so a collective is safe): every rank must hold the same delta positions and W0 values, since no engine
+    broadcasts them (FSDP2 and ZeRO-3 broadcast nothing at all)."""
+    if distributed.inside_ddp_forward() or (distributed.active() and any(layer._sharded_by() for layer in layers)):
         distributed.check_same_on_every_rank("ftcore under DDP", {
             f"layer {i} {buffer}": getattr(layer, buffer) for i, layer in enumerate(layers)
             for buffer in (layer.index_name, layer.base_name)})

@@ -149,6 +149,7 @@ class SparseDeltaLinear(DeltaLinear):
         go on; its per-entry state (Adam's moments) belongs to the old positions and is the caller's to remap,
         as SparseDeltaScheduler does. The gradient of the old positions is dropped.
         """
+        self.refuse_moving_when_sharded()
         weight = self._weight()
         check_delta_indices(indices, weight.numel(), strict=True)
         indices = indices.to(device=weight.device, dtype=index_dtype_for(weight.numel()))

@@ -105,6 +105,7 @@ class StructuredSparseLinear(DeltaLinear):
         under the old block and the new block is written, nothing else. When the shape is unchanged the
         Parameter is updated in place, so an optimizer holding it can go on; its per-entry state belongs to the
         old block and is the caller's to reset. The gradient of the old block is dropped."""
+        self.refuse_moving_when_sharded()
         weight = self._weight()
         limit = self.out_features if self.rows else self.in_features
         check_delta_indices(index, limit, name="index", strict=True)

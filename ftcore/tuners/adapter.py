@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from safetensors import SafetensorError
@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .._version import __version__
-from ..nn.base import DeltaLinear, is_linear_like, logical_weight
+from .. import engines
+from ..nn.base import DeltaLinear, is_linear_like
 from ..nn.sparse_delta import SparseDeltaLinear
 from ..nn.structured import StructuredSparseLinear
 
@@ -52,9 +53,15 @@ class Adapter:
     layers: Dict[str, LayerRecord]
 
 
-def record_of(layer: DeltaLinear) -> LayerRecord:
+def record_of(layer: DeltaLinear, read: Callable[[Tensor], Tensor] = lambda t: t) -> LayerRecord:
+    """The layer's record, each tensor through `read` (engines.full_fp32 gathers a sharded delta)."""
     meta, tensors = layer.adapter_record()
-    return LayerRecord((layer.out_features, layer.in_features), meta, tensors)
+    return LayerRecord((layer.out_features, layer.in_features), meta, {k: read(t) for k, t in tensors.items()})
+
+
+def exists(path: str) -> bool:
+    """Whether an adapter (either of its files) is at `path`."""
+    return any(os.path.exists(os.path.join(path, name)) for name in (CONFIG_NAME, WEIGHTS_NAME))
 
 
 def _stored(t: Tensor) -> Tensor:
@@ -88,10 +95,8 @@ def _write_atomically(final_path: str, write) -> None:
 
 def save(path: str, method: str, config: dict, layers: Dict[str, LayerRecord], base_model: dict, overwrite: bool) -> None:
     os.makedirs(path, exist_ok=True)
-    targets = [os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)]
-    existing = [t for t in targets if os.path.exists(t)]
-    if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} exists; pass overwrite=True to replace the adapter saved there")
+    if exists(path) and not overwrite:
+        raise FileExistsError(refusal_to_overwrite(path))
     tensors = {f"{name}.{key}": _stored(t) for name, layer in layers.items() for key, t in layer.tensors.items()}
     weights_path = os.path.join(path, WEIGHTS_NAME)
     _write_atomically(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "method": method}))
@@ -110,6 +115,10 @@ def save(path: str, method: str, config: dict, layers: Dict[str, LayerRecord], b
             json.dump(record, f, indent=2, sort_keys=True)
 
     _write_atomically(os.path.join(path, CONFIG_NAME), write_json)
+
+
+def refusal_to_overwrite(path: str) -> str:
+    return f"an adapter exists at {path}; pass overwrite=True to replace it"
 
 
 def read(path: str) -> Adapter:
@@ -179,7 +188,7 @@ def match_model(model: nn.Module, adapter: Adapter, *, allow_wrapped: bool) -> L
                 raise ValueError(f"layer {name!r} already carries an ftcore adapter; merge or unmerge it first")
             shape = (module.out_features, module.in_features)
         elif is_linear_like(module):
-            shape = tuple(logical_weight(module).shape)
+            shape = engines.logical_shape(module)
         else:
             raise ValueError(f"adapter layer {name!r} is a {type(module).__name__} in this model, not a linear layer")
         if shape != layer.shape:

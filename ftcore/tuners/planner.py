@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..nn.base import DeltaLinear, is_linear_like, logical_weight
+from .. import engines
+from ..nn.base import DeltaLinear, is_linear_like
 from .structured import StructuredSparseConfig, _CalibrationStats, _head_columns, transformer_blocks
 
 _BINS = 2000  # cost resolution of the knapsack
@@ -62,7 +63,7 @@ class BackpropPlan:
 
 
 def _linear_flops(layer: nn.Module) -> float:
-    out_f, in_f = logical_weight(layer).shape
+    out_f, in_f = engines.logical_shape(layer)
     return 2.0 * out_f * in_f  # one matrix product, per token
 
 
@@ -109,7 +110,7 @@ def plan_backprop(
             scores = stats.scores[(b.number, role)].cpu()
             take = max(1, round(ratio * groups))
             top = torch.topk(scores, take)
-            out_f = logical_weight(b.layers[role]).shape[0]
+            out_f = engines.logical_shape(b.layers[role])[0]
             width = geo.head_dim if kind == "heads" else 1
             dw = 2.0 * out_f * take * width
             # Lowest at the heads: this block's FFN input gradients are needed too; lowest at the channels: none.

@@ -78,6 +78,8 @@ class SparseDeltaScheduler:
         if candidate_factor < 1:
             raise ValueError(f"candidate_factor must be >= 1, got {candidate_factor}")
         self.layers = {n: m for n, m in model.named_modules() if isinstance(m, SparseDeltaLinear)}
+        for layer in self.layers.values():
+            layer.refuse_moving_when_sharded()
         if not self.layers:
             raise ValueError("the model has no SparseDeltaLinear layers: call ftcore.apply with a SparseDeltaConfig first")
         self.optimizer = _unwrap_optimizer(optimizer)

@@ -9,6 +9,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from .. import engines
 from ..nn.base import logical_weight
 from ..nn.sparse_delta import GradientProbe, SparseDeltaLinear
 from .targets import find_targets, install
@@ -118,7 +119,9 @@ def run_calibration(model: nn.Module, batches: Iterable, *, backward: bool = Tru
     """Forward (and, by default, backward) over calibration batches: dicts for ``model(**batch)``, with labels
     when backward is wanted, so the output has ``.loss``. Returns how many batches ran."""
     seen = 0
-    with torch.enable_grad() if backward else torch.no_grad():
+    # The whole model runs: under ZeRO-3 (before the engine starts) every partitioned Parameter is gathered
+    # for the calibration, so it needs the model's full size on each rank meanwhile.
+    with engines.gathered(model.parameters()), torch.enable_grad() if backward else torch.no_grad():
         for batch in batches:
             if not isinstance(batch, dict):
                 raise TypeError(f"calibration batches must be dicts of model inputs, got {type(batch).__name__}")
@@ -143,7 +146,7 @@ def apply_sparse_delta(model: nn.Module, config: SparseDeltaConfig, calibration:
         raise ValueError('selection="gradient" needs calibration= (a few batches with labels)')
     names = find_targets(model, config.target_modules, config.exclude_modules, config.layers_to_transform)
     layers = {name: model.get_submodule(name) for name in names}
-    counts = allocate(config, {name: logical_weight(layer).numel() for name, layer in layers.items()})
+    counts = allocate(config, {name: math.prod(engines.logical_shape(layer)) for name, layer in layers.items()})
 
     def builder(name: str):
         def build(layer: nn.Module) -> SparseDeltaLinear:

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .. import distributed
+from .. import distributed, engines
 from ..nn.base import DeltaLinear, logical_weight
 from ..nn.structured import StructuredSparseLinear
 from .sparse_delta import run_calibration
@@ -256,8 +256,10 @@ def _unit_scores(model, blocks, geo, config, calibration) -> Dict[Tuple[int, str
         return scores
     if config.selection == "weight-norm":
         for block in blocks:
-            scores[(block.number, "heads")] = _column_norms(logical_weight(block.layers["o_proj"]), geo.heads)
-            scores[(block.number, "channels")] = _column_norms(logical_weight(block.layers["down_proj"]), geo.channels)
+            o_proj, down_proj = block.layers["o_proj"], block.layers["down_proj"]
+            with engines.gathered([o_proj.weight, down_proj.weight]):  # whole under ZeRO-3
+                scores[(block.number, "heads")] = _column_norms(logical_weight(o_proj), geo.heads)
+                scores[(block.number, "channels")] = _column_norms(logical_weight(down_proj), geo.channels)
         return scores
     if calibration is None:
         raise ValueError(f'selection="{config.selection}" needs calibration= (a few batches of model inputs)')

@@ -12,6 +12,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 from torch import nn
 
+from .. import engines
 from ..nn.base import DeltaLinear, is_linear_like, model_forward_done, prepare_model_layers
 
 Targets = Union[str, Sequence[str], None]
@@ -109,7 +110,9 @@ def install(
         for p in model.parameters():
             p.requires_grad_(False)
         for name, build in builders.items():
-            wrapped[name] = build(model.get_submodule(name))
+            layer = model.get_submodule(name)
+            with engines.gathered(layer.parameters()):  # W0 whole while the layer reads it (ZeRO-3; as PEFT does)
+                wrapped[name] = build(layer)
             set_submodule(model, name, wrapped[name])
         if finish is not None:
             finish(wrapped)
@@ -130,6 +133,8 @@ def refuse_shared_merged_weights(model: nn.Module, layers: Dict[str, DeltaLinear
     output embeddings) or the layer is used elsewhere too, those uses would change with it. Raises for those."""
     owners: Dict[int, List[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
+        if p.numel() == 0:
+            continue  # no storage to share (a ZeRO-3 partition, whose layers run unmerged anyway)
         owners.setdefault(p.untyped_storage().data_ptr(), []).append(name)
     for name, layer in layers.items():
         if not layer.merged:

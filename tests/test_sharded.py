@@ -1,0 +1,72 @@
+"""ftcore under the engines that shard parameters, on the CPU: 2 gloo ranks against one process on the
+concatenated batch (the cases are in sharded_cases.py; one spawn of two workers runs them all).
+
+* FSDP2, FSDP1 (use_orig_params) and DeepSpeed ZeRO-2/3, sparse deltas and S²FT, default (merged) and
+  unmerged mode: after 3 AdamW steps the deltas and the full-batch outputs are the one process's (1e-5), and
+  the adapter saved from every rank reloads in one process to the same outputs;
+* merged mode falls back to the exact unmerged path where the weight is sharded (with a warning naming the
+  engine) and stays merged under ZeRO-2, whose weights are whole;
+* under ZeRO-3 apply and load_adapter read W0 inside a gather: the selection is the one process's;
+* RotatedQuantLinear trains under FSDP2 as in one process;
+* what cannot be done exactly is refused: a merge held when the engine sharded the weight, adapting a model
+  already wrapped, SpIEL regrowth under sharding."""
+
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import sharded_cases
+
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available"),
+]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("sharded"))
+    context = mp.start_processes(sharded_cases.worker, args=(folder,), nprocs=sharded_cases.WORLD, join=False,
+                                 start_method="spawn")
+    while not context.join(timeout=900):
+        pass
+    return torch.load(os.path.join(folder, "results.pt"))
+
+
+def result(results, name):
+    if "zero" in name and not results["deepspeed"]:
+        pytest.skip("deepspeed does not import here")
+    r = results[name]
+    assert "error" not in r, r.get("error")
+    return r
+
+
+@pytest.mark.parametrize("mode", ["merged", "unmerged"])
+@pytest.mark.parametrize("method", list(sharded_cases.CONFIGS))
+@pytest.mark.parametrize("engine", sharded_cases.ENGINES)
+def test_training_under_the_engine_is_one_process_on_the_whole_batch(results, engine, method, mode):
+    r = result(results, f"training[{engine}-{method}-{mode}]")
+    assert r["delta_max_diff"] < 1e-5 and r["output_max_diff"] < 1e-5, r
+    assert r["reloaded_output_max_diff"] < 1e-5, r
+    sharded = engine != "zero2"
+    assert r["unmerged"] == (sharded or mode == "unmerged")
+    assert r["warned"] == (sharded and mode == "merged")
+
+
+@pytest.mark.parametrize("method", list(sharded_cases.CONFIGS))
+def test_zero3_apply_and_load_read_w0_inside_a_gather(results, method):
+    r = result(results, f"zero3_apply_and_load[{method}]")
+    assert r["partitioned"] and r["same_positions"], r
+    assert r["delta_max_diff"] < 1e-5 and r["output_max_diff"] < 1e-5 and r["reloaded_output_max_diff"] < 1e-5, r
+    assert r["loaded_under_zero3_output_max_diff"] < 1e-5, r
+
+
+def test_rotated_quant_linear_trains_under_fsdp2(results):
+    assert result(results, "rotated_quant_fsdp2")["weight_max_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("name", ["held_merge_refused", "apply_after_wrapping_refused", "regrowth_refused"])
+def test_what_cannot_be_exact_is_refused(results, name):
+    assert result(results, name)["refused"]
