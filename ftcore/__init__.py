@@ -58,6 +58,7 @@ __all__ = [
     "BackpropPlan",
     "SparseDeltaScheduler",
     "SparseDeltaCallback",
+    "SaveAdapterCallback",
     "hadamard_transform",
     "fake_quantize",
     "rotate_fake_quantize",
@@ -70,8 +71,8 @@ __all__ = [
 
 
 def __getattr__(name):
-    if name == "SparseDeltaCallback":  # loaded on first use (see ftcore.tuners)
+    if name in ("SparseDeltaCallback", "SaveAdapterCallback"):  # loaded on first use (see ftcore.tuners)
         from . import tuners
 
-        return tuners.SparseDeltaCallback
+        return getattr(tuners, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,6 +11,7 @@ __all__ = [
     "StructuredSparseConfig",
     "SparseDeltaScheduler",
     "SparseDeltaCallback",
+    "SaveAdapterCallback",
     "BackpropPlan",
     "plan_backprop",
     "find_targets",
@@ -18,8 +19,8 @@ __all__ = [
 
 
 def __getattr__(name):
-    if name == "SparseDeltaCallback":  # imports transformers' Trainer machinery: only on first use
-        from .callback import SparseDeltaCallback
+    if name in ("SparseDeltaCallback", "SaveAdapterCallback"):  # import the Trainer's machinery: on first use only
+        from . import callback
 
-        return SparseDeltaCallback
+        return getattr(callback, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
