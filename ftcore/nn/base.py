@@ -23,6 +23,11 @@ and rejected, checkpointing's recomputation), not between the micro-batches of g
 no-grad forward between backward and step (logging, evaluation) leaves the step to be seen at the next one.
 Writing ``delta.data`` by hand outside any optimizer and outside autograd is invisible: call ``refresh()``.
 
+Under an engine that shards the weight (FSDP1, FSDP2, DeepSpeed ZeRO-3: see ftcore.engines) a write into it
+would be lost at the engine's next gather, so such layers run unmerged: W0 is read in forward, where the engine
+has gathered it, and nothing writes the weight (merged mode asked for warns once and falls back). ZeRO-1/2 keep
+the weight whole and stay merged: their optimizer step is seen like any other.
+
 Keep the delta in fp32: ``model.to(torch.bfloat16)`` after ``apply`` would cast the master copy too.
 """
 
