@@ -174,6 +174,75 @@ def case_zero3_apply_and_load(method):
     return result
 
 
+def case_bf16_saves_the_fp32_master(stage):
+    """DeepSpeed with bf16 casts the model, the deltas too, and steps fp32 masters: the adapter holds those."""
+    import deepspeed
+
+    model = ftcore.apply(tiny_llama(), CONFIGS["sparse"]())
+    optimizer = torch.optim.AdamW(ftcore.trainable_parameters(model), lr=LR)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           config=dict(deepspeed_config(stage), bf16={"enabled": True}))
+    for ids in batches(3):
+        engine.backward(engine(input_ids=shard(ids), labels=shard(ids)).loss)
+        engine.step()
+    path = os.path.join(FOLDER[0], f"adapter-bf16-zero{stage}")
+    ftcore.save_adapter(engine, path, overwrite=True)
+    dist.barrier()
+    saved = ftcore.read_adapter(path).layers
+    layers = ftcore.api.adapter_layers(model)
+    masters = {name: deepspeed.utils.safe_get_full_fp32_param(m.values).cpu() for name, m in layers.items()}
+    return {
+        "engine_dtype_bf16": all(m.values.dtype == torch.bfloat16 for m in layers.values()),
+        "saved_fp32": all(r.tensors["values"].dtype == torch.float32 for r in saved.values()),
+        "saved_the_master": all(torch.equal(saved[n].tensors["values"], masters[n]) for n in layers),
+        "finer_than_bf16": any((r.tensors["values"] - r.tensors["values"].bfloat16().float()).abs().max() > 0
+                               for r in saved.values()),
+    }
+
+
+def case_fsdp2_state_dict_round_trip():
+    """A checkpoint of a sharded run (torch.distributed.checkpoint's full state dict, as accelerate and the
+    Trainer resume from) loads back into the sharded model: training goes on from the same state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    data = batches(4)
+    model, step = wrap("fsdp2", ftcore.apply(tiny_llama(), CONFIGS["sparse"](merged=False)))
+    step(shard(data[0]))
+    probe = data[3]
+    with torch.no_grad():
+        before = model(input_ids=probe).logits
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+    state = get_model_state_dict(model, options=options)
+    with torch.no_grad():
+        for layer in ftcore.api.adapter_layers(model).values():
+            layer.delta.zero_()  # a different state, which the load must undo
+    set_model_state_dict(model, state, options=options)
+    with torch.no_grad():
+        after = model(input_ids=probe).logits
+    return {"output_max_diff": (after - before).abs().max().item()}
+
+
+def case_merged_state_dict_refused_under_fsdp2():
+    """A state dict saved from a merged single-process model holds W0 + Δ: loading it into a sharded (so
+    unmerged) model would count the delta twice. Refused."""
+    from torch.distributed.fsdp import fully_shard
+
+    trained = reference(CONFIGS["sparse"](), batches(4))
+    with torch.no_grad():
+        trained(input_ids=batches(1)[0])  # merged: the weights hold W0 + Δ
+    state = {k: v.clone() for k, v in trained.state_dict().items()}
+    model = ftcore.apply(tiny_llama(), CONFIGS["sparse"](merged=False))
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    model(input_ids=shard(batches(1)[0]))  # FSDP2's lazy initialisation
+    try:
+        model.load_state_dict(state)
+    except ValueError as exc:
+        return {"refused": "saved from a merged model" in str(exc)}
+    return {"refused": False}
+
+
 def case_rotated_quant_fsdp2():
     """RotatedQuantLinear trains its own weight: FSDP2 shards and gathers it like any Parameter."""
     from torch.distributed.fsdp import fully_shard
@@ -258,6 +327,9 @@ CASES = {
     **{f"training[{e}-{m}-{'merged' if merged else 'unmerged'}]": (case_training, (e, m, merged))
        for e in ENGINES for m in CONFIGS for merged in (True, False)},
     **{f"zero3_apply_and_load[{m}]": (case_zero3_apply_and_load, (m,)) for m in CONFIGS},
+    **{f"bf16_saves_the_fp32_master[zero{stage}]": (case_bf16_saves_the_fp32_master, (stage,)) for stage in (2, 3)},
+    "fsdp2_state_dict_round_trip": (case_fsdp2_state_dict_round_trip, ()),
+    "merged_state_dict_refused": (case_merged_state_dict_refused_under_fsdp2, ()),
     "rotated_quant_fsdp2": (case_rotated_quant_fsdp2, ()),
     "held_merge_refused": (case_sharded_weight_refuses_a_held_merge, ()),
     "apply_after_wrapping_refused": (case_apply_after_wrapping_refuses, ()),

@@ -7,9 +7,11 @@ concatenated batch (the cases are in sharded_cases.py; one spawn of two workers 
 * merged mode falls back to the exact unmerged path where the weight is sharded (with a warning naming the
   engine) and stays merged under ZeRO-2, whose weights are whole;
 * under ZeRO-3 apply and load_adapter read W0 inside a gather: the selection is the one process's;
+* a bf16 DeepSpeed run (ZeRO-2 and 3) saves the fp32 master values, not the bf16 copies;
 * RotatedQuantLinear trains under FSDP2 as in one process;
+* a full state dict of the sharded run (torch.distributed.checkpoint) loads back into it;
 * what cannot be done exactly is refused: a merge held when the engine sharded the weight, adapting a model
-  already wrapped, SpIEL regrowth under sharding."""
+  already wrapped, SpIEL regrowth under sharding, a merged model's state dict loaded into a sharded one."""
 
 import os
 
@@ -63,10 +65,21 @@ def test_zero3_apply_and_load_read_w0_inside_a_gather(results, method):
     assert r["loaded_under_zero3_output_max_diff"] < 1e-5, r
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_bf16_deepspeed_run_saves_the_fp32_master_values(results, stage):
+    r = result(results, f"bf16_saves_the_fp32_master[zero{stage}]")
+    assert r == {"engine_dtype_bf16": True, "saved_fp32": True, "saved_the_master": True, "finer_than_bf16": True}
+
+
 def test_rotated_quant_linear_trains_under_fsdp2(results):
     assert result(results, "rotated_quant_fsdp2")["weight_max_diff"] < 1e-5
 
 
-@pytest.mark.parametrize("name", ["held_merge_refused", "apply_after_wrapping_refused", "regrowth_refused"])
+def test_a_sharded_checkpoint_loads_back_into_the_sharded_model(results):
+    assert result(results, "fsdp2_state_dict_round_trip")["output_max_diff"] == 0
+
+
+@pytest.mark.parametrize("name", ["held_merge_refused", "apply_after_wrapping_refused", "regrowth_refused",
+                                  "merged_state_dict_refused"])
 def test_what_cannot_be_exact_is_refused(results, name):
     assert result(results, name)["refused"]

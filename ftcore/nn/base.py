@@ -195,6 +195,10 @@ class DeltaLinear(nn.Module):
         """Writes W0 back at the delta's positions, bit for bit."""
         raise NotImplementedError
 
+    def _values_at(self, weight: Tensor, index: Tensor) -> Tensor:
+        """The entries of a logical (out, in) `weight` at the delta positions `index` (base-values shaped)."""
+        raise NotImplementedError
+
     def _gather_base(self) -> None:
         """Takes the base values at the delta's positions from the weight, which holds W0."""
         raise NotImplementedError
@@ -343,10 +347,30 @@ class DeltaLinear(nn.Module):
         # all three: the loaded weight may hold the loaded delta's merge, and the loaded base values undo it;
         # otherwise the weight is W0 (kept, or loaded as W0) and the base values are gathered from it
         self._loaded_merge = all(has.values())
+        engine = self._sharded_by()
+        if engine is not None and self._loaded_merge:
+            self._refuse_a_merged_weight(engine, *(state_dict[prefix + n] for n in ("base_layer.weight", self.index_name, self.base_name)))
+
+    def _refuse_a_merged_weight(self, engine: str, weight: Tensor, index: Tensor, base: Tensor) -> None:
+        """A sharded layer runs unmerged on the weight it loads, which must then be W0: a state dict saved from a
+        merged model holds W0 + Δ. A whole incoming weight is checked here; a DTensor (torch.distributed.checkpoint
+        loads shards) is one the sharded, hence unmerged, run saved."""
+        if engines.is_dtensor(weight) or weight.numel() == 0:
+            return
+        logical = weight.t() if is_conv1d(self.base_layer) else weight
+        if not torch.equal(self._values_at(logical, index.to(logical.device)).to(base.dtype), base.to(logical.device)):
+            raise ValueError(
+                f"ftcore: the state dict's weight holds W0 + delta (it was saved from a merged model), but under {engine} "
+                "this layer runs unmerged on W0. Save it after ftcore.unmerge(model), or load the adapter "
+                "(ftcore.load_adapter) into the base model before wrapping"
+            )
 
     @torch.no_grad()
     def _after_load(self, module, incompatible_keys) -> None:
-        if self.__dict__.pop("_loaded_merge", False):
+        loaded_merge = self.__dict__.pop("_loaded_merge", False)
+        if self._sharded_by() is not None:
+            pass  # a sharded weight is never merged (see _prepare_weight): it holds W0, and its shards stay unread
+        elif loaded_merge:
             self._write_base()
         else:
             self._gather_base()

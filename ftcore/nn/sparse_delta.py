@@ -173,8 +173,11 @@ class SparseDeltaLinear(DeltaLinear):
     def _write_base(self) -> None:
         ops.sparse_delta_scatter_(self._weight(), self.indices, self.values, 0.0, self.base_values)
 
+    def _values_at(self, weight: Tensor, indices: Tensor) -> Tensor:
+        return ops.sparse_delta_gather(weight, indices)
+
     def _gather_base(self) -> None:
-        self.base_values = ops.sparse_delta_gather(self._weight(), self.indices)
+        self.base_values = self._values_at(self._weight(), self.indices)
 
     @torch.no_grad()
     def add_to_base(self, indices: Tensor, values: Tensor, alpha: float = 1.0) -> None:
@@ -183,10 +186,10 @@ class SparseDeltaLinear(DeltaLinear):
         self.restore_base()
         weight = self._weight()
         ops.sparse_delta_scatter_(weight, indices.to(weight.device), values.to(weight.device), alpha, None)
-        self.base_values = ops.sparse_delta_gather(weight, self.indices)
+        self.base_values = self._values_at(weight, self.indices)
 
     def _subtract_merged_difference(self, y: Tensor, x: Tensor) -> Tensor:
-        difference = ops.sparse_delta_gather(self._weight(), self.indices).float() - self.base_values.float()
+        difference = self._values_at(self._weight(), self.indices).float() - self.base_values.float()
         return y - ops.sparse_delta_linear(x, self.indices, difference, self.out_features).to(y.dtype)
 
     def _delta_forward(self, x: Tensor) -> Tensor:

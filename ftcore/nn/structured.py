@@ -131,11 +131,14 @@ class StructuredSparseLinear(DeltaLinear):
     def _write_base(self) -> None:
         ops.structured_block_scatter_(self._weight(), self.index, self.block, 0.0, self.base_block, self.rows)
 
+    def _values_at(self, weight: Tensor, index: Tensor) -> Tensor:
+        return ops.structured_block_gather(weight, index, self.rows)
+
     def _gather_base(self) -> None:
-        self.base_block = ops.structured_block_gather(self._weight(), self.index, self.rows)
+        self.base_block = self._values_at(self._weight(), self.index)
 
     def _subtract_merged_difference(self, y: Tensor, x: Tensor) -> Tensor:
-        difference = ops.structured_block_gather(self._weight(), self.index, self.rows).float() - self.base_block.float()
+        difference = self._values_at(self._weight(), self.index).float() - self.base_block.float()
         if self.rows:
             return y.index_add(-1, self.index, F.linear(x.float(), difference).to(y.dtype), alpha=-1)
         return y - F.linear(ops.gather_columns(x, self.index).float(), difference).to(y.dtype)
