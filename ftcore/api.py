@@ -229,6 +229,9 @@ def compose(model: nn.Module, *adapters: str, scale: float = 1.0) -> nn.Module:
         for name, module in targets:
             if isinstance(module, DeltaLinear) and not isinstance(module, SparseDeltaLinear):
                 raise ValueError(f"layer {name!r} carries a {module.method!r} adapter; compose adds into plain or sparse-delta layers")
+            engine = engines.sharding_of(module.weight)
+            if engine is not None:
+                raise ValueError(f"layer {name!r}: {engine} shards its weight; compose adapters into the model before wrapping it")
         plans.append((saved, targets))
     with torch.no_grad():
         for saved, targets in plans:

@@ -315,6 +315,21 @@ def case_regrowth_refuses():
     return {"refused": False}
 
 
+def case_regrowth_refuses_under_zero2():
+    """ZeRO-1/2 keep the weights whole but step flat fp32 copies of the deltas: a regrowth's write into the
+    delta would be overwritten by the next step's copy-back. Refused."""
+    import deepspeed
+
+    model = ftcore.apply(tiny_llama(), CONFIGS["sparse"]())
+    optimizer = torch.optim.AdamW(ftcore.trainable_parameters(model), lr=LR)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(2))
+    try:
+        ftcore.SparseDeltaScheduler(model, optimizer)
+    except RuntimeError as exc:
+        return {"refused": "under DeepSpeed ZeRO-1/2" in str(exc)}
+    return {"refused": False}
+
+
 def deepspeed_importable() -> bool:
     try:
         import deepspeed  # noqa: F401
@@ -334,6 +349,7 @@ CASES = {
     "held_merge_refused": (case_sharded_weight_refuses_a_held_merge, ()),
     "apply_after_wrapping_refused": (case_apply_after_wrapping_refuses, ()),
     "regrowth_refused": (case_regrowth_refuses, ()),
+    "regrowth_refused_under_zero2": (case_regrowth_refuses_under_zero2, ()),
 }
 FOLDER = [None]
 

@@ -80,6 +80,6 @@ def test_a_sharded_checkpoint_loads_back_into_the_sharded_model(results):
 
 
 @pytest.mark.parametrize("name", ["held_merge_refused", "apply_after_wrapping_refused", "regrowth_refused",
-                                  "merged_state_dict_refused"])
+                                  "merged_state_dict_refused", "regrowth_refused_under_zero2"])
 def test_what_cannot_be_exact_is_refused(results, name):
     assert result(results, name)["refused"]

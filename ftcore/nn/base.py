@@ -264,10 +264,12 @@ class DeltaLinear(nn.Module):
         engine = "FSDP1" if weight is None else engines.sharding_of(self.delta) or engines.sharding_of(weight)
         if engine == "DeepSpeed ZeRO-3" and not engines.is_zero3(self.delta) and weight.numel() > 0:
             engine = None  # building the layer inside a gather of its ZeRO-3 weight, before the engine starts
+        if engine is None and engines.needs_gather(self.delta):
+            engine = "DeepSpeed ZeRO-1/2"  # it steps flat fp32 copies: a write into the delta would be overwritten
         if engine is not None:
             raise RuntimeError(
-                f"ftcore: the delta cannot move to new positions under {engine} (it shards the delta and the weight); "
-                "SpIEL regrowth and set_delta/set_block run on a single process or under DDP"
+                f"ftcore: the delta cannot move to new positions under {engine}, which keeps its own copies of the delta "
+                "(shards or fp32 masters); SpIEL regrowth and set_delta/set_block run on a single process or under DDP"
             )
 
     @torch.no_grad()
