@@ -76,8 +76,9 @@ def save_adapter(model: nn.Module, path: str, *, overwrite: bool = False) -> Non
     Under torch.distributed rank 0 writes (the model may be wrapped: DDP, FSDP1, a DeepSpeed engine). Where an
     engine shards the deltas (FSDP1, FSDP2, DeepSpeed ZeRO, which also keeps their fp32 masters) this is a
     collective: every rank calls it, takes part in gathering them, and raises if rank 0 could not write; it
-    returns once the files are there. Otherwise (single process, DDP) ranks other than 0 write nothing, and
-    calling it on rank 0 alone is enough."""
+    returns once the files are there (its agreement runs over ftcore's ranks: see
+    ftcore.distributed.set_data_parallel_group, whose group must include rank 0). Otherwise (single process,
+    DDP) ranks other than 0 write nothing, and calling it on rank 0 alone is enough."""
     model = engines.unwrap(model)
     layers = {engines.clean_name(name): m for name, m in _layers_or_raise(model).items()}
     methods = {m.method for m in layers.values()}
@@ -161,6 +162,11 @@ def switch_adapter(model: nn.Module, adapter: Union[str, adapter_files.Adapter])
     nothing else of the weights is touched. The new adapter is checked in full first; on any error the model
     keeps its current adapter. Its deltas are new Parameters: an optimizer must be built after the switch."""
     layers = _layers_or_raise(model)
+    for name, layer in layers.items():
+        engine = layer._sharded_by()
+        if engine is not None:
+            raise ValueError(f"layer {name!r}: switch_adapter rebuilds the layers, which cannot be done under {engine}; "
+                             "switch before the engine wraps the model")
     saved = adapter if isinstance(adapter, adapter_files.Adapter) else adapter_files.read(adapter)
     path = saved.path
     current = {m.method for m in layers.values()}

@@ -136,5 +136,5 @@ def check_same_on_every_rank(what: str, tensors: Dict[str, Tensor]) -> None:
             raise RuntimeError(
                 f"{what}: rank {dist.get_rank()} and rank {rank} differ at {name!r}. Every rank must build the same "
                 "base model (same weights: seed its initialisation or load the same checkpoint) and apply the same "
-                "config with the same seed before DDP wraps it"
+                "config with the same seed before the engine (DDP, FSDP, DeepSpeed) wraps it"
             )

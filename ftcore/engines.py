@@ -18,6 +18,7 @@ ftcore.nn.base). Nothing here imports deepspeed unless a tensor is DeepSpeed's.
 """
 
 import contextlib
+import functools
 from typing import Iterable, Iterator, Optional, Tuple
 
 import torch
@@ -26,8 +27,19 @@ from torch import Tensor, nn
 FSDP1_WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
+@functools.lru_cache(maxsize=None)
+def _has_base_named(cls: type, name: str) -> bool:
+    return any(c.__name__ == name for c in cls.__mro__)
+
+
 def is_dtensor(t) -> bool:
-    return any(c.__name__ == "DTensor" for c in type(t).__mro__)
+    cls = type(t)
+    return cls is not nn.Parameter and cls is not torch.Tensor and _has_base_named(cls, "DTensor")
+
+
+def is_fsdp2_module(module: nn.Module) -> bool:
+    """Whether fully_shard has made `module` an FSDP2 unit (its class then derives from FSDPModule)."""
+    return _has_base_named(type(module), "FSDPModule")
 
 
 def is_zero3(t) -> bool:
@@ -36,14 +48,15 @@ def is_zero3(t) -> bool:
 
 def sharding_of(t: Optional[Tensor]) -> Optional[str]:
     """The engine that shards Parameter `t` ("FSDP2", "FSDP1", "DeepSpeed ZeRO-3"), or None for a whole tensor
-    (single process, DDP, ZeRO-1/2). A few attribute reads."""
+    (single process, DDP, ZeRO-1/2). Runs before every merged forward: dictionary lookups only."""
     if t is None:
         return None
     if is_dtensor(t):
         return "FSDP2"
-    if is_zero3(t):
+    marks = t.__dict__  # DeepSpeed and FSDP1 mark the Parameters they manage with instance attributes
+    if marks.get("ds_id") is not None:
         return "DeepSpeed ZeRO-3"
-    if getattr(t, "_fsdp_flattened", False):
+    if marks.get("_fsdp_flattened"):
         return "FSDP1"
     return None
 
@@ -89,12 +102,14 @@ def full_fp32(t: Tensor) -> Tensor:
         return t.detach().to("cpu", copy=True)
     if is_dtensor(t):
         return t.full_tensor().detach().float().cpu()
-    if is_zero3(t) or hasattr(t, "_hp_mapping"):
+    # DeepSpeed's fp32 master, where an optimizer keeps one (not for a frozen delta, nor without an optimizer)
+    if (is_zero3(t) and hasattr(t, "_z3_optimizer")) or hasattr(t, "_hp_mapping"):
         from deepspeed.utils import safe_get_full_fp32_param
 
-        master = safe_get_full_fp32_param(t)  # None when no optimizer holds it (a frozen delta)
+        master = safe_get_full_fp32_param(t)
         if master is not None:
             return master.detach().float().cpu()
+    if is_zero3(t):
         with gathered([t]):
             return t.detach().to("cpu", torch.float32, copy=True)
     # a copy: inside FSDP1's summon_full_params `t` views a buffer that is freed when the block ends
@@ -104,9 +119,8 @@ def full_fp32(t: Tensor) -> Tensor:
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DistributedDataParallel or DeepSpeed engine wrapper (FSDP2 keeps the model itself;
     FSDP1's wrapper is kept, and its names are cleaned by clean_name)."""
-    while type(model).__name__ in ("DistributedDataParallel", "DeepSpeedEngine") and isinstance(
-        getattr(model, "module", None), nn.Module
-    ):
+    while (_has_base_named(type(model), "DistributedDataParallel") or _has_base_named(type(model), "DeepSpeedEngine")) \
+            and isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
     return model
 

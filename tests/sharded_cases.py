@@ -79,8 +79,8 @@ def wrap(engine, model):
     return module, step
 
 
-def reference(config, data, steps=3, make_base=tiny_llama):
-    model = ftcore.apply(make_base(), config)
+def reference(config, data, steps=3, make_base=tiny_llama, calibration=None):
+    model = ftcore.apply(make_base(), config, calibration=calibration)
     optimizer = torch.optim.AdamW(ftcore.trainable_parameters(model), lr=LR)
     for ids in data[:steps]:
         model(input_ids=ids, labels=ids).loss.backward()
@@ -97,7 +97,7 @@ def max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in b) if a.keys() == b.keys() else float("inf")
 
 
-def compare(module, step, config, folder, tag, data, make_base=tiny_llama):
+def compare(module, step, config, folder, tag, data, make_base=tiny_llama, calibration=None):
     for ids in data[:3]:
         step(shard(ids))
     probe = data[3]
@@ -106,7 +106,7 @@ def compare(module, step, config, folder, tag, data, make_base=tiny_llama):
     path = os.path.join(folder, f"adapter-{tag}")
     ftcore.save_adapter(module, path, overwrite=True)  # every rank: a collective under sharding
     dist.barrier()
-    ref = reference(config, data, make_base=make_base)
+    ref = reference(config, data, make_base=make_base, calibration=calibration)
     with torch.no_grad():
         ref_out = ref(input_ids=probe).logits
         loaded = ftcore.load_adapter(make_base(), path)  # one process, no engine
@@ -137,13 +137,29 @@ def case_training(engine, method, merged):
     return result
 
 
-def case_zero3_apply_and_load(method):
+ZERO3_SELECTIONS = {
+    "sparse-magnitude": ("sparse", dict(selection="magnitude")),
+    # candidates that cover every entry: the choice must then equal one process's on the whole batch
+    "sparse-gradient": ("sparse", dict(selection="gradient", candidate_factor=10_000)),
+    "s2ft-weight-norm": ("s2ft", dict(selection="weight-norm")),
+    "s2ft-gradient": ("s2ft", dict(selection="gradient")),
+}
+
+
+def case_zero3_apply_and_load(selection):
     """ZeRO-3 partitions at construction (deepspeed.zero.Init, as from_pretrained does under a ZeRO-3
-    config): apply reads W0 inside a gather (magnitude / weight-norm selection), load_adapter too."""
+    config): apply reads W0 inside gathers (magnitude / weight-norm selection, base values; a data-driven
+    selection gathers the model for its calibration), load_adapter too. The data-driven choices see every
+    rank's share of the calibration batches, as one process sees them whole."""
     import deepspeed
 
-    config = CONFIGS[method](selection="magnitude" if method == "sparse" else "weight-norm", merged=False)
+    method, options = ZERO3_SELECTIONS[selection]
+    config = CONFIGS[method](merged=False, **options)
     data = batches(4)
+    local = whole = None
+    if options["selection"] == "gradient":
+        local = [{"input_ids": shard(ids), "labels": shard(ids)} for ids in data[:2]]
+        whole = [{"input_ids": ids, "labels": ids} for ids in data[:2]]
     with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(3)):
         base = tiny_llama()
     partitioned = all(p.numel() == 0 for p in base.model.layers[0].parameters())
@@ -155,19 +171,20 @@ def case_zero3_apply_and_load(method):
         plain.load_state_dict(weights, strict=False)
         return plain
 
-    model = ftcore.apply(base, config)
+    model = ftcore.apply(base, config, calibration=local)
     module, step = wrap("zero3", model)
-    result = compare(module, step, config, FOLDER[0], f"zero3-init-{method}", data, make_base)
-    ref_positions = {n: getattr(m, m.index_name) for n, m in ftcore.api.adapter_layers(ftcore.apply(make_base(), config)).items()}
+    result = compare(module, step, config, FOLDER[0], f"zero3-init-{selection}", data, make_base, whole)
+    ref_positions = {n: getattr(m, m.index_name) for n, m in
+                     ftcore.api.adapter_layers(ftcore.apply(make_base(), config, calibration=whole)).items()}
     result["same_positions"] = all(torch.equal(getattr(m, m.index_name), ref_positions[n])
                                    for n, m in ftcore.api.adapter_layers(model).items())
     result["partitioned"] = partitioned
     # the saved adapter, loaded into another partitioned model before its engine starts
     with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(3)):
         fresh = tiny_llama()
-    loaded = ftcore.load_adapter(fresh, os.path.join(FOLDER[0], f"adapter-zero3-init-{method}"))
+    loaded = ftcore.load_adapter(fresh, os.path.join(FOLDER[0], f"adapter-zero3-init-{selection}"))
     engine, _, _, _ = deepspeed.initialize(model=loaded, config=deepspeed_config(3))
-    probe, ref = data[3], reference(config, data, make_base=make_base)
+    probe, ref = data[3], reference(config, data, make_base=make_base, calibration=whole)
     with torch.no_grad():
         ref_out = ref(input_ids=probe).logits
         result["loaded_under_zero3_output_max_diff"] = (engine(input_ids=probe).logits - ref_out).abs().max().item()
@@ -267,14 +284,16 @@ def case_rotated_quant_fsdp2():
     return {"weight_max_diff": max((a - b.weight).abs().max().item() for a, b in zip(weights, ref))}
 
 
-def case_sharded_weight_refuses_a_held_merge():
+def case_sharded_weight_refuses_a_held_merge(only_rank0):
     """A merged forward before wrapping leaves W0 + Δ in the weight: FSDP2 shards that, which ftcore cannot
-    undo on the shards. It says so, instead of training on a wrong base."""
+    undo on the shards. It says so, instead of training on a wrong base, on every rank even when one rank
+    alone ran that forward (an evaluation on rank 0): none is left waiting in a collective."""
     from torch.distributed.fsdp import fully_shard
 
     model = ftcore.apply(tiny_llama(), CONFIGS["sparse"]())
     ids = shard(batches(1)[0])
-    model(input_ids=ids)  # merges
+    if dist.get_rank() == 0 or not only_rank0:
+        model(input_ids=ids)  # merges
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
@@ -283,7 +302,7 @@ def case_sharded_weight_refuses_a_held_merge():
             warnings.simplefilter("ignore")
             model(input_ids=ids)
     except RuntimeError as exc:
-        return {"refused": "ftcore.unmerge(model) before" in str(exc)}
+        return {"refused": "ftcore.unmerge(model)" in str(exc)}
     return {"refused": False}
 
 
@@ -341,12 +360,13 @@ def deepspeed_importable() -> bool:
 CASES = {
     **{f"training[{e}-{m}-{'merged' if merged else 'unmerged'}]": (case_training, (e, m, merged))
        for e in ENGINES for m in CONFIGS for merged in (True, False)},
-    **{f"zero3_apply_and_load[{m}]": (case_zero3_apply_and_load, (m,)) for m in CONFIGS},
+    **{f"zero3_apply_and_load[{s}]": (case_zero3_apply_and_load, (s,)) for s in ZERO3_SELECTIONS},
     **{f"bf16_saves_the_fp32_master[zero{stage}]": (case_bf16_saves_the_fp32_master, (stage,)) for stage in (2, 3)},
     "fsdp2_state_dict_round_trip": (case_fsdp2_state_dict_round_trip, ()),
     "merged_state_dict_refused": (case_merged_state_dict_refused_under_fsdp2, ()),
     "rotated_quant_fsdp2": (case_rotated_quant_fsdp2, ()),
-    "held_merge_refused": (case_sharded_weight_refuses_a_held_merge, ()),
+    "held_merge_refused": (case_sharded_weight_refuses_a_held_merge, (False,)),
+    "held_merge_on_one_rank_refused": (case_sharded_weight_refuses_a_held_merge, (True,)),
     "apply_after_wrapping_refused": (case_apply_after_wrapping_refuses, ()),
     "regrowth_refused": (case_regrowth_refuses, ()),
     "regrowth_refused_under_zero2": (case_regrowth_refuses_under_zero2, ()),

@@ -32,6 +32,7 @@ Keep the delta in fp32: ``model.to(torch.bfloat16)`` after ``apply`` would cast 
 """
 
 import warnings
+import weakref
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -69,7 +70,18 @@ def delta_dtype_for(weight: Tensor) -> torch.dtype:
 _optimizer_steps = 0  # optimizer steps taken in this process, by any torch.optim optimizer
 
 
+# What _sharded_by reports when the layer's Parameters were replaced by something not known to be FSDP2
+# (DataParallel replicas, torch.func.functional_call, offloading hooks): merged mode cannot follow.
+SWAPPED = "swapped"
+
+
 def _sharded_merge_error(engine: str) -> RuntimeError:
+    if engine == SWAPPED:
+        return RuntimeError(
+            "ftcore: this layer's Parameters were replaced since it was built (DataParallel replicas, "
+            "torch.func.functional_call, an offloading hook, ...): merged mode writes into the weight it was built on "
+            "and cannot follow. Use merged=False (the exact unmerged path)"
+        )
     return RuntimeError(
         f"ftcore: merged mode cannot run on a weight that {engine} shards: the merge would be lost when the engine "
         "re-gathers the weight, and training would drift without an error. ftcore trains such layers on the exact "
@@ -147,8 +159,16 @@ class DeltaLinear(nn.Module):
         # The optimizer-step count when a gradient last reached the delta after its merge (None: none since).
         self._gradient_at: Optional[int] = None
         self._stale = False  # refresh() was called
-        self._owned: tuple = ()  # (weight Parameter, delta Parameter) this layer was built on
+        # Weak references to the (weight, delta) Parameters this layer was built on: an engine that replaces
+        # them (FSDP2) must be able to free the originals.
+        self._owned: tuple = ()
         self._hooked = False  # the delta carries our post-accumulate-grad hook
+        self._fsdp2 = False  # the adapted model is an FSDP2 unit: a swap of Parameters is FSDP2's (see the pre-hook)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_owned"] = ()  # weak references do not pickle; a copy adopts its own Parameters
+        return state
 
     def __setstate__(self, state) -> None:
         # A copy (deepcopy, pickle, torch.load) has new Parameters and no tensor hooks. Its weight still holds
@@ -170,9 +190,10 @@ class DeltaLinear(nn.Module):
         """Records the weight and delta Parameters this layer works on and hooks the delta's gradient. A later
         different Parameter in either place means an engine swapped them (FSDP does, to shard): merged mode then
         refuses (sync_merged). Called at construction, on a copy, and after a load that may assign new ones."""
-        if self._owned and self._owned[1] is not self.delta:
+        weight, delta = self.base_layer._parameters["weight"], self.delta
+        if self._owned and self._owned[1]() is not delta:
             self._hooked = False  # a new delta Parameter: it has no hook yet (the old one keeps its own)
-        self._owned = (self.base_layer._parameters["weight"], self.delta)
+        self._owned = (weakref.ref(weight), weakref.ref(delta))
         self._hook_gradient()
 
     def _hook_gradient(self) -> None:
@@ -246,22 +267,25 @@ class DeltaLinear(nn.Module):
         return self._holds_merge
 
     def _sharded_by(self) -> Optional[str]:
-        """The engine that shards this layer's weight or delta, or None when both are whole tensors (single
-        process, DDP, ZeRO-1/2). A few attribute reads."""
-        weight = self.base_layer._parameters.get("weight")
+        """The engine that shards this layer's weight or delta (or SWAPPED), or None when both are the whole
+        Parameters it was built on (single process, DDP, ZeRO-1/2). Dictionary lookups only: it runs before
+        every merged forward."""
+        weight = self._modules["base_layer"]._parameters.get("weight")
         if weight is None:
             return "FSDP1"  # without use_orig_params FSDP1 removes the Parameters
-        engine = engines.sharding_of(weight) or engines.sharding_of(self.delta)
+        delta = self.delta
+        engine = engines.sharding_of(weight) or engines.sharding_of(delta)
         owned = self._owned
-        if engine is None and owned and (owned[0] is not weight or owned[1] is not self.delta):
-            engine = "FSDP2"  # inside a unit's forward FSDP2 swaps in unsharded Parameters, freed after it
+        if engine is None and owned and (owned[0]() is not weight or owned[1]() is not delta):
+            # inside a unit's forward FSDP2 swaps in unsharded Parameters, freed after it
+            engine = "FSDP2" if self._fsdp2 else SWAPPED
         return engine
 
     def refuse_moving_when_sharded(self) -> None:
         """Moving the delta (set_delta, set_block: SpIEL's regrowth) rewrites the delta Parameter and W0's
-        values: not possible once an engine has sharded them. Raises RuntimeError then."""
-        weight = self.base_layer._parameters.get("weight")
-        engine = "FSDP1" if weight is None else engines.sharding_of(self.delta) or engines.sharding_of(weight)
+        values: not possible once an engine keeps copies of them. Raises RuntimeError then."""
+        engine = self._sharded_by()
+        weight = self._modules["base_layer"]._parameters.get("weight")
         if engine == "DeepSpeed ZeRO-3" and not engines.is_zero3(self.delta) and weight.numel() > 0:
             engine = None  # building the layer inside a gather of its ZeRO-3 weight, before the engine starts
         if engine is None and engines.needs_gather(self.delta):
@@ -278,10 +302,11 @@ class DeltaLinear(nn.Module):
         if self._holds_merge:
             engine = self._sharded_by()
             if engine is not None:
+                took = "replaced its Parameters" if engine == SWAPPED else f"{engine} sharded it"
                 raise RuntimeError(
-                    f"ftcore: this layer's weight held W0 + delta (a merged forward ran) when {engine} sharded it, and "
-                    "the shards cannot be restored to W0 here. Call ftcore.unmerge(model) before the engine wraps the "
-                    "model, or apply with merged=False"
+                    f"ftcore: this layer's weight held W0 + delta (a merged forward ran) when {took}, and it cannot be "
+                    "restored to W0 there. Call ftcore.unmerge(model) before the engine wraps the model, or apply with "
+                    "merged=False"
                 )
             self._write_base()
             self._set_merged_as(None)
@@ -305,12 +330,18 @@ class DeltaLinear(nn.Module):
     def sync_merged(self) -> None:
         """W0 or merged(Δ_old) → merged(Δ): the base weight holds W0 + Δ for the current delta (no write when it
         already does). Called before every merged forward: a few attribute reads when nothing changed."""
-        delta = self.delta
-        if not self._owned:
-            self._adopt_parameters()
-        engine = self._sharded_by()
+        engine = self._engine_before_merging()
         if engine is not None:
             raise _sharded_merge_error(engine)
+        self._merge_if_changed()
+
+    def _engine_before_merging(self) -> Optional[str]:
+        if not self._owned:
+            self._adopt_parameters()
+        return self._sharded_by()
+
+    def _merge_if_changed(self) -> None:
+        delta = self.delta
         if not self._hooked and delta.requires_grad:
             self._hook_gradient()
         if self.delta_changed(delta):
@@ -398,10 +429,12 @@ class DeltaLinear(nn.Module):
         if self.disabled:
             return  # a disabled forward never writes: a live graph may hold this weight (see _base_forward)
         if self.merged:
-            engine = self._sharded_by()
+            engine = self._engine_before_merging()
             if engine is None:
-                self.sync_merged()
+                self._merge_if_changed()
                 return
+            if engine == SWAPPED:
+                raise _sharded_merge_error(engine)
             _warn_fallback_once(engine)  # the same on every rank: they all run the same engine
             self.merged = False
         self.restore_base()
@@ -439,15 +472,37 @@ def _prepare_eagerly(layers) -> None:
             layer._prepare_weight()
 
 
+def _engine_of(layers) -> Optional[str]:
+    """The engine (DDP, FSDP, DeepSpeed) running the model's forward on every rank now, or None."""
+    if not distributed.active():
+        return None
+    if distributed.inside_ddp_forward():
+        return "DDP"
+    for layer in layers:
+        engine = layer._sharded_by()
+        if engine is None and engines.needs_gather(layer.delta):
+            engine = "DeepSpeed ZeRO-1/2"
+        if engine is not None and engine != SWAPPED:  # a swap alone may be one rank's functional_call: no collective
+            return engine
+    return None
+
+
 def _check_ranks_once(model: nn.Module, layers) -> None:
-    """At the model's first forward inside DistributedDataParallel or a sharding engine (every rank is there,
-    so a collective is safe): every rank must hold the same delta positions and W0 values, since no engine
-    broadcasts them (FSDP2 and ZeRO-3 broadcast nothing at all)."""
-    if distributed.inside_ddp_forward() or (distributed.active() and any(layer._sharded_by() for layer in layers)):
-        distributed.check_same_on_every_rank("ftcore under DDP", {
-            f"layer {i} {buffer}": getattr(layer, buffer) for i, layer in enumerate(layers)
-            for buffer in (layer.index_name, layer.base_name)})
-        model.__dict__["_ftcore_ranks_checked"] = True
+    """At the model's first forward inside an engine that runs every rank's forward together (DDP, FSDP,
+    DeepSpeed: a collective is safe there): every rank must hold the same delta positions and W0 values, since
+    no engine broadcasts them, and under a sharding engine no rank's weight may hold a merge."""
+    engine = _engine_of(layers)
+    if engine is None:
+        return
+    if engine not in ("DDP", "DeepSpeed ZeRO-1/2") and not distributed.all_agree(not any(l._holds_merge for l in layers)):
+        raise RuntimeError(
+            f"ftcore: a merged forward ran on some rank before {engine} wrapped the model, so that rank's weights hold "
+            "W0 + delta and the engine sharded them so. Call ftcore.unmerge(model) on every rank before wrapping"
+        )
+    distributed.check_same_on_every_rank(f"ftcore under {engine}", {
+        f"layer {i} {buffer}": getattr(layer, buffer) for i, layer in enumerate(layers)
+        for buffer in (layer.index_name, layer.base_name)})
+    model.__dict__["_ftcore_ranks_checked"] = True
 
 
 def prepare_model_layers(model: nn.Module, args) -> None:
@@ -456,6 +511,11 @@ def prepare_model_layers(model: nn.Module, args) -> None:
     model, a compiled ``model.forward`` or compiled blocks trace without a break per layer: the one break is
     here, outside them, or at the top of a compiled model (none when no layer is merged)."""
     layers = model.__dict__.get("_ftcore_layers", ())
+    if not model.__dict__.get("_ftcore_fsdp2") and engines.is_fsdp2_module(model):
+        # FSDP2 swaps this unit's Parameters before this hook runs: tell the layers that the swap is FSDP2's
+        model.__dict__["_ftcore_fsdp2"] = True
+        for layer in layers:
+            layer._fsdp2 = True
     if not model.__dict__.get("_ftcore_ranks_checked", True) and not torch.compiler.is_compiling():
         _check_ranks_once(model, layers)
     if any(layer._needs_preparation() for layer in layers):

@@ -172,9 +172,10 @@ def _place_by_gradient(model, wrapped, counts, candidate_factor, calibration) ->
         module.probe = GradientProbe(candidate_factor * counts[name])
     try:
         run_calibration(model, calibration)
-        for name, module in wrapped.items():
-            module.set_delta(module.probe.best(counts[name]))
-            module.values.grad = None
+        with engines.gathered(m.base_layer.weight for m in wrapped.values()):  # W0's values at the new positions
+            for name, module in wrapped.items():
+                module.set_delta(module.probe.best(counts[name]))
+                module.values.grad = None
     finally:
         for module in wrapped.values():
             module.probe = None

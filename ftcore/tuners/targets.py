@@ -159,6 +159,7 @@ def track_layers(model: nn.Module, layers: Dict[str, DeltaLinear]) -> None:
     ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
     model._ddp_params_and_buffers_to_ignore = sorted(ignored | set(buffers))
     model.__dict__["_ftcore_ranks_checked"] = False
+    model.__dict__.pop("_ftcore_fsdp2", None)  # the next forward's pre-hook tells the new layers again
     untrack_layers(model, keep_hooks=True)
     flag = model.__dict__.setdefault("_ftcore_prepared", [False])
     model.__dict__["_ftcore_layers"] = list(layers.values())
