@@ -11,7 +11,8 @@ Variants, each measured in the same run:
 - FSDP2 on 2 ranks (fully_shard per decoder layer + root), where ftcore runs the exact unmerged path.
 Per rank: the bytes of parameters (this rank's shards under FSDP2), gradients and optimizer state, beside the
 ideal (1 process's / 2) for FSDP2; the median step time (the slower rank's, after a warm-up step) beside the
-1-process step; the bytes each rank hands the collectives per step: DDP's gradient buckets, counted by a
+1-process step; the resident set of each process after the steps (everything it holds: libraries, activations,
+the weights it still references); the bytes each rank hands the collectives per step: DDP's gradient buckets, counted by a
 communication hook; FSDP2's all-gathers and reduce-scatters, computed from the units' sizes. On the CPU the step times are the CPU's (2 cores here): they show
 overheads, not a GPU's speed-up. Results: bench/results/distributed-<machine>.{json,md}.
 """
@@ -31,6 +32,7 @@ import torch.multiprocessing as mp
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import ftcore
+from ftcore._measure import _status_bytes
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_sparse_delta import RESULTS, machine_name  # noqa: E402
@@ -103,6 +105,7 @@ def measure(model, forward, steps: int, ids, counter=None) -> dict:
         "optimizer_bytes": local_bytes(state),
         "step_s": statistics.median(times),
         "collective_bytes_per_step": counter.bytes / steps if counter is not None else 0,
+        "resident_bytes": _status_bytes("VmRSS"),  # the whole process: libraries, activations, freed-not-returned
     }
 
 
@@ -170,14 +173,15 @@ def main():
         f"{WORLD} threads on both sequences. Median of {args.steps} steps after a warm-up; CPU figures, not a GPU's.",
         "",
         "| variant | parameters + buffers / rank | vs 1 process (ideal FSDP2: 0.50) | gradients / rank | optimizer state / rank "
-        "| step | vs 1 process | collective bytes / rank / step (FSDP2: computed) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| resident set / rank | step | vs 1 process | collective bytes / rank / step (FSDP2: computed) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     mib = 1 << 20
     for label, r in results.items():
         lines.append(
             f"| {label} | {r['parameter_bytes'] / mib:.1f} MiB | {r['parameter_bytes'] / one['parameter_bytes']:.2f} "
-            f"| {r['gradient_bytes'] / mib:.2f} MiB | {r['optimizer_bytes'] / mib:.2f} MiB | {r['step_s'] * 1e3:.0f} ms "
+            f"| {r['gradient_bytes'] / mib:.2f} MiB | {r['optimizer_bytes'] / mib:.2f} MiB "
+            f"| {r['resident_bytes'] / mib:.0f} MiB | {r['step_s'] * 1e3:.0f} ms "
             f"| {r['step_s'] / one['step_s']:.2f} | {r['collective_bytes_per_step'] / mib:.2f} MiB |"
         )
     trainable = sum(p.numel() for p in ftcore.trainable_parameters(build(args.quick, True)))

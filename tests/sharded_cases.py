@@ -130,10 +130,13 @@ def case_training(engine, method, merged):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         module, step = wrap(engine, ftcore.apply(tiny_llama(), config))
+        # FSDP2 replaces the Parameters: the originals must be freed (ftcore keeps weak references only)
+        originals_freed = all(m._owned[0]() is None for m in ftcore.api.adapter_layers(ftcore.engines.unwrap(module)).values())
         result = compare(module, step, config, FOLDER[0], f"{engine}-{method}-{merged}", data)
     fallback = [w for w in caught if "unmerged path instead" in str(w.message)]
     # merged asked for: one warning names the engine (ZeRO-1/2 keep merged mode: their weights are whole)
     result["warned"] = bool(fallback) and all(engine[:4].upper() in str(w.message).upper() for w in fallback)
+    result["originals_freed"] = originals_freed
     return result
 
 

@@ -55,6 +55,8 @@ def test_training_under_the_engine_is_one_process_on_the_whole_batch(results, en
     sharded = engine != "zero2"
     assert r["unmerged"] == (sharded or mode == "unmerged")
     assert r["warned"] == (sharded and mode == "merged")
+    if engine == "fsdp2":
+        assert r["originals_freed"]  # the unsharded weights fully_shard replaced are not kept alive
 
 
 @pytest.mark.parametrize("selection", list(sharded_cases.ZERO3_SELECTIONS))
