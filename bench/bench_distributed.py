@@ -158,7 +158,7 @@ def main():
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 32000, (WORLD, args.length), generator=g)
     one = measure(model, lambda x: model(input_ids=x, labels=x), args.steps, ids)
-    del model
+    model = None  # freed before the ranks start
     results = {"1 process (merged)": one}
     for variant, label in (("ddp", "DDP (merged)"), ("ddp-unmerged", "DDP (unmerged)"), ("fsdp2", "FSDP2 (unmerged)")):
         results[label] = run_ranks(variant, args.quick, args.steps, args.length)

@@ -4,10 +4,9 @@ plain numbers and booleans; rank 0 saves every case's result (or its traceback) 
 The reference for a DDP run is one process on the concatenated batch: every rank computes it too, on the
 full batch, so that ftcore's collectives (which the reference also issues) stay paired across the ranks."""
 
-import datetime
 import os
-import traceback
 
+import spawned
 import torch
 import torch.distributed as dist
 from models import tiny_llama
@@ -16,7 +15,7 @@ from torch import nn
 import ftcore
 from ftcore import SparseDeltaConfig, StructuredSparseConfig
 
-WORLD = 2
+WORLD = spawned.WORLD
 
 
 def batches(n=3, size=4, length=16, seed=7):
@@ -202,18 +201,4 @@ CASES = {
 
 def worker(rank, folder):
     torch.set_num_threads(1)
-    # a timeout: a case that fails on one rank only must not leave the other waiting in a collective forever
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(folder, 'rendezvous')}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=120))
-    results = {}
-    try:
-        for name, (fn, args) in CASES.items():
-            try:
-                results[name] = fn(*(folder if a == "FOLDER" else a for a in args))
-            except Exception:  # noqa: BLE001  (reported by the test of this case)
-                results[name] = {"error": traceback.format_exc()}
-            dist.barrier()
-    finally:
-        if rank == 0:
-            torch.save(results, os.path.join(folder, "results.pt"))
-        dist.destroy_process_group()
+    spawned.run_cases(rank, folder, CASES, {})

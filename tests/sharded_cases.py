@@ -6,11 +6,10 @@ Each training case trains 3 AdamW steps under the engine, saves the adapter from
 and compares with the one-process reference: the saved values, the engine's outputs on a full batch, and the
 outputs of the saved adapter loaded into a fresh model in one process."""
 
-import datetime
 import os
-import traceback
 import warnings
 
+import spawned
 import torch
 import torch.distributed as dist
 from distributed_cases import WORLD, batches, shard
@@ -382,20 +381,5 @@ def worker(rank, folder):
     os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_WORLD_SIZE=str(WORLD))
     FOLDER[0] = folder
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(folder, 'rendezvous')}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     has_deepspeed = deepspeed_importable()
-    results = {"deepspeed": has_deepspeed}
-    try:
-        for name, (fn, args) in CASES.items():
-            if not has_deepspeed and ("zero" in name):
-                continue
-            try:
-                results[name] = fn(*args)
-            except Exception:  # noqa: BLE001  (reported by the test of this case)
-                results[name] = {"error": traceback.format_exc()}
-            dist.barrier()
-    finally:
-        if rank == 0:
-            torch.save(results, os.path.join(folder, "results.pt"))
-        dist.destroy_process_group()
+    spawned.run_cases(rank, folder, CASES, {"deepspeed": has_deepspeed}, skip=lambda name: "zero" in name and not has_deepspeed)

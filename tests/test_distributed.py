@@ -7,13 +7,11 @@ distributed_cases.py; one spawn of two workers runs them all, imports being most
   S²FT), and so does SpIEL regrowth, whose choices stay identical across ranks;
 * the position buffers stay out of DDP's per-forward broadcast, and ranks that differ are refused."""
 
-import os
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import distributed_cases
+import spawned
 
 pytestmark = [
     pytest.mark.distributed,
@@ -23,18 +21,10 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("ddp"))
-    context = mp.start_processes(distributed_cases.worker, args=(folder,), nprocs=distributed_cases.WORLD, join=False,
-                                 start_method="spawn")
-    while not context.join(timeout=600):
-        pass
-    return torch.load(os.path.join(folder, "results.pt"))
+    return spawned.spawn(distributed_cases.worker, str(tmp_path_factory.mktemp("distributed_cases")))
 
 
-def result(results, name):
-    r = results[name]
-    assert "error" not in r, r.get("error")
-    return r
+result = spawned.result
 
 
 @pytest.mark.parametrize("name", list(distributed_cases.SELECTIONS))

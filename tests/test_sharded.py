@@ -13,13 +13,11 @@ concatenated batch (the cases are in sharded_cases.py; one spawn of two workers 
 * what cannot be done exactly is refused: a merge held when the engine sharded the weight, adapting a model
   already wrapped, SpIEL regrowth under sharding, a merged model's state dict loaded into a sharded one."""
 
-import os
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import sharded_cases
+import spawned
 
 pytestmark = [
     pytest.mark.distributed,
@@ -29,20 +27,13 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("sharded"))
-    context = mp.start_processes(sharded_cases.worker, args=(folder,), nprocs=sharded_cases.WORLD, join=False,
-                                 start_method="spawn")
-    while not context.join(timeout=900):
-        pass
-    return torch.load(os.path.join(folder, "results.pt"))
+    return spawned.spawn(sharded_cases.worker, str(tmp_path_factory.mktemp("sharded_cases")))
 
 
 def result(results, name):
     if "zero" in name and not results["deepspeed"]:
         pytest.skip("deepspeed does not import here")
-    r = results[name]
-    assert "error" not in r, r.get("error")
-    return r
+    return spawned.result(results, name)
 
 
 @pytest.mark.parametrize("mode", ["merged", "unmerged"])
