@@ -11,7 +11,6 @@ import torch.distributed as dist
 from torch import nn
 
 from . import distributed, engines
-
 from .nn.base import DeltaLinear, logical_weight
 from .nn.sparse_delta import SparseDeltaLinear
 from .tuners import adapter as adapter_files
