@@ -262,9 +262,9 @@ def case_merged_state_dict_refused_under_fsdp2():
     return {"refused": False}
 
 
-def case_rotated_quant_fsdp2():
-    """RotatedQuantLinear trains its own weight: FSDP2 shards and gathers it like any Parameter."""
-    from torch.distributed.fsdp import fully_shard
+def case_rotated_quant(engine):
+    """RotatedQuantLinear trains its own weight, read in its own forward: FSDP2 and ZeRO-2/3 shard, gather and
+    step it like any Parameter."""
 
     def build():
         torch.manual_seed(0)
@@ -272,17 +272,38 @@ def case_rotated_quant_fsdp2():
 
     g = torch.Generator().manual_seed(3)
     xs = [torch.randn(4, 64, generator=g) for _ in range(3)]
-    sharded, ref = build(), build()
-    for layer in sharded:
-        fully_shard(layer)
-    fully_shard(sharded)
-    for model in (sharded, ref):
+    model, ref = build(), build()
+    if engine == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model:
+            fully_shard(layer)
+        fully_shard(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        for x in xs:
-            model(shard(x) if model is sharded else x).pow(2).mean().backward()
+        module = model
+
+        def step(loss):
+            loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-    weights = [layer.weight.full_tensor() for layer in sharded]
+    else:
+        import deepspeed
+
+        module, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
+                                               config=deepspeed_config(int(engine[-1])))
+
+        def step(loss):
+            module.backward(loss)
+            module.step()
+
+    for x in xs:
+        step(module(shard(x)).pow(2).mean())
+    reference_optimizer = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    for x in xs:
+        ref(x).pow(2).mean().backward()
+        reference_optimizer.step()
+        reference_optimizer.zero_grad()
+    weights = [ftcore.engines.full_fp32(layer.weight) for layer in model]
     return {"weight_max_diff": max((a - b.weight).abs().max().item() for a, b in zip(weights, ref))}
 
 
@@ -366,7 +387,7 @@ CASES = {
     **{f"bf16_saves_the_fp32_master[zero{stage}]": (case_bf16_saves_the_fp32_master, (stage,)) for stage in (2, 3)},
     "fsdp2_state_dict_round_trip": (case_fsdp2_state_dict_round_trip, ()),
     "merged_state_dict_refused": (case_merged_state_dict_refused_under_fsdp2, ()),
-    "rotated_quant_fsdp2": (case_rotated_quant_fsdp2, ()),
+    **{f"rotated_quant[{e}]": (case_rotated_quant, (e,)) for e in ("fsdp2", "zero2", "zero3")},
     "held_merge_refused": (case_sharded_weight_refuses_a_held_merge, (False,)),
     "held_merge_on_one_rank_refused": (case_sharded_weight_refuses_a_held_merge, (True,)),
     "apply_after_wrapping_refused": (case_apply_after_wrapping_refuses, ()),

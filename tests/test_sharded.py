@@ -8,7 +8,7 @@ concatenated batch (the cases are in sharded_cases.py; one spawn of two workers 
   engine) and stays merged under ZeRO-2, whose weights are whole;
 * under ZeRO-3 apply and load_adapter read W0 inside a gather: the selection is the one process's;
 * a bf16 DeepSpeed run (ZeRO-2 and 3) saves the fp32 master values, not the bf16 copies;
-* RotatedQuantLinear trains under FSDP2 as in one process;
+* RotatedQuantLinear trains under FSDP2 and ZeRO-2/3 as in one process;
 * a full state dict of the sharded run (torch.distributed.checkpoint) loads back into it;
 * what cannot be done exactly is refused: a merge held when the engine sharded the weight, adapting a model
   already wrapped, SpIEL regrowth under sharding, a merged model's state dict loaded into a sharded one."""
@@ -64,8 +64,9 @@ def test_a_bf16_deepspeed_run_saves_the_fp32_master_values(results, stage):
     assert r == {"engine_dtype_bf16": True, "saved_fp32": True, "saved_the_master": True, "finer_than_bf16": True}
 
 
-def test_rotated_quant_linear_trains_under_fsdp2(results):
-    assert result(results, "rotated_quant_fsdp2")["weight_max_diff"] < 1e-5
+@pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])
+def test_rotated_quant_linear_trains_under_the_engine(results, engine):
+    assert result(results, f"rotated_quant[{engine}]")["weight_max_diff"] < 1e-5
 
 
 def test_a_sharded_checkpoint_loads_back_into_the_sharded_model(results):
