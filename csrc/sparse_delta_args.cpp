@@ -4,16 +4,10 @@
 
 #include "ftcore/checks.h"
 #include "ftcore/dispatch.h"
+#include "ftcore/shapes.h"
 #include "ftcore/sparse_delta.h"
 
 namespace ftcore {
-
-at::Tensor as_rows(const at::Tensor& t) {
-  if (t.dim() == 2) return t;
-  int64_t tokens = 1;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) tokens *= t.size(d);
-  return t.reshape({tokens, t.size(-1)});
-}
 
 void check_indices(const at::Tensor& indices, const at::Tensor& like, const char* op, const char* name) {
   check_index_dtype(indices, op, name);
@@ -75,12 +69,6 @@ ProductArgs check_product_args(const at::Tensor& input, const at::Tensor& indice
   check_index_values(indices, out * in, op);
   const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return {as_rows(input), indices.contiguous(), values.to(acc).contiguous(), out, in, other_features};
-}
-
-std::vector<int64_t> with_last_dim(const at::Tensor& input, int64_t features) {
-  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end() - 1);
-  shape.push_back(features);
-  return shape;
 }
 
 void check_weight_args(const at::Tensor& weight, const at::Tensor& indices, const char* op) {

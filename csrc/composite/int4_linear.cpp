@@ -8,7 +8,7 @@
 
 #include "ftcore/checks.h"
 #include "ftcore/quant.h"
-#include "ftcore/sparse_delta.h"
+#include "ftcore/shapes.h"
 
 namespace ftcore {
 

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "ftcore/checks.h"
+#include "ftcore/shapes.h"
 #include "ftcore/sparse_delta.h"
 
 namespace ftcore {

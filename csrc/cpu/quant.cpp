@@ -16,7 +16,7 @@
 #include "ftcore/checks.h"
 #include "ftcore/dispatch.h"
 #include "ftcore/quant.h"
-#include "ftcore/sparse_delta.h"
+#include "ftcore/shapes.h"
 
 namespace ftcore {
 

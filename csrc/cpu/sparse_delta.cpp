@@ -11,80 +11,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
-#include <cstdlib>
 
 #include "cpu/isa/kernels.h"
 #include "ftcore/checks.h"
-#include "ftcore/cpu_isa.h"
 #include "ftcore/dispatch.h"
+#include "ftcore/shapes.h"
 #include "ftcore/sparse_delta.h"
 
 namespace ftcore {
-
-// ---------------------------------------------------------------------------------------------------------------
-// Instruction-set selection
-
-namespace {
-
-using cpu::Kernels;
-
-bool cpu_runs(const std::string& name) {
-  if (name == "generic") return true;
-#if FTCORE_CPU_MULTI_ISA
-  __builtin_cpu_init();
-  if (name == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (name == "avx512")
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
-#endif
-  return false;
-}
-
-const Kernels* kernels_named(const std::string& name) {
-  if (!cpu_runs(name)) return nullptr;
-  if (name == "generic") return &cpu::kernels_generic();
-#if FTCORE_CPU_MULTI_ISA
-  if (name == "avx2") return &cpu::kernels_avx2();
-  if (name == "avx512") return &cpu::kernels_avx512();
-#endif
-  return nullptr;
-}
-
-const Kernels* initial_kernels() {
-  if (const char* forced = std::getenv("FTCORE_CPU_ISA")) {
-    if (const Kernels* k = kernels_named(forced)) return k;
-    TORCH_WARN("FTCORE_CPU_ISA=", forced, " is unknown or not supported by this CPU; picking the best supported");
-  }
-  const auto all = available_cpu_isas();
-  return kernels_named(all.back());
-}
-
-std::atomic<const Kernels*>& active() {
-  static std::atomic<const Kernels*> k{initial_kernels()};
-  return k;
-}
-
-const Kernels& kernels() { return *active().load(std::memory_order_relaxed); }
-
-}  // namespace
-
-const Kernels& cpu::active_kernels() { return kernels(); }
-
-std::string cpu_isa() { return kernels().name; }
-
-std::vector<std::string> available_cpu_isas() {
-  std::vector<std::string> out;
-  for (const char* name : {"generic", "avx2", "avx512"})
-    if (kernels_named(name)) out.emplace_back(name);
-  return out;
-}
-
-bool set_cpu_isa(const std::string& name) {
-  const Kernels* k = kernels_named(name);
-  if (k) active().store(k);
-  return k != nullptr;
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Panels
@@ -185,7 +119,7 @@ at::Tensor new_panel(int64_t elements, const at::TensorOptions& options) {
 }
 
 // Loads chunk [n0, n0 + count) of two matrices into their panels in one parallel pass over both feature ranges.
-void load_panels(const Kernels& K, const cpu::StridedMatrix& a, int64_t a_features, void* a_panel,
+void load_panels(const cpu::Kernels& K, const cpu::StridedMatrix& a, int64_t a_features, void* a_panel,
                  const cpu::StridedMatrix& b, int64_t b_features, void* b_panel, int64_t n0, int64_t count,
                  int64_t width) {
   at::parallel_for(0, a_features + b_features, 16, [&](int64_t lo, int64_t hi) {
@@ -209,7 +143,7 @@ at::Tensor sparse_delta_grad_cpu(const at::Tensor& grad_output, const at::Tensor
   if (k == 0 || tokens == 0) return result;
   check_int32_features(out, in, "sparse_delta_grad");
 
-  const Kernels& K = kernels();
+  const cpu::Kernels& K = cpu::active_kernels();
   const auto entries = group_by_rows(a.indices, out, in, at::Tensor());
   const int64_t width = panel_width(tokens, in, at::elementSize(acc));
   auto x_panel = new_panel(in * width, result.options());
@@ -243,7 +177,7 @@ at::Tensor product_cpu(const ProductArgs& a, const at::Tensor& original_input, b
 
   const auto entries = transpose ? group_by_columns(a.indices, a.in_features, a.values)
                                  : group_by_rows(a.indices, a.out_features, a.in_features, a.values);
-  const Kernels& K = kernels();
+  const cpu::Kernels& K = cpu::active_kernels();
   const auto acc = a.values.scalar_type();
   const int64_t width = panel_width(tokens, operand_features, at::elementSize(acc));
   auto src_panel = new_panel(operand_features * width, a.values.options());

@@ -17,6 +17,7 @@
 
 #include "ftcore/checks.h"
 #include "ftcore/dispatch.h"
+#include "ftcore/shapes.h"
 #include "ftcore/sparse_delta.h"
 
 namespace ftcore {

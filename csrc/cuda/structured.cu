@@ -11,7 +11,7 @@
 
 #include "ftcore/checks.h"
 #include "ftcore/dispatch.h"
-#include "ftcore/sparse_delta.h"
+#include "ftcore/shapes.h"
 #include "ftcore/structured.h"
 
 namespace ftcore {

@@ -1,6 +1,7 @@
-// Inner loops of the CPU sparse-delta kernels, compiled once per instruction set (kernels_*.cpp) and picked at
-// load time. Plain C++ on raw pointers: these translation units include no ATen header, so code compiled for
-// AVX-512 can never leak into a generic build through an inline function the linker merges.
+// Inner loops of the CPU kernels of every op family (panels for the sparse deltas, rotations, quantizers),
+// compiled once per instruction set (kernels_*.cpp) and picked at load time (cpu/cpu_isa.cpp). Plain C++ on raw
+// pointers: these translation units include no ATen header, so code compiled for AVX-512 can never leak into a
+// generic build through an inline function the linker merges.
 //
 // The loops work on *panels*: a chunk of `count` tokens of a tokens × features matrix, stored transposed as
 // features × width in the accumulation type (float, or double for float64 data), tokens past `count` zeroed.

@@ -14,9 +14,6 @@
 
 namespace ftcore {
 
-// A (..., features) tensor as tokens × features; a view when the layout allows, else a copy.
-at::Tensor as_rows(const at::Tensor& t);
-
 // Checks dtype/rank/device of an index tensor against a tensor on the op's device. Values are checked by
 // check_index_values (CPU) or by the kernels themselves (CUDA, device-side assert: no host synchronisation).
 void check_indices(const at::Tensor& indices, const at::Tensor& like, const char* op, const char* name = "indices");
@@ -47,9 +44,6 @@ struct ProductArgs {
 };
 ProductArgs check_product_args(const at::Tensor& input, const at::Tensor& indices, const at::Tensor& values,
                                int64_t other_features, bool transpose);
-
-// A (..., features) tensor's leading dims, then `features`: the shape of a result over the same tokens.
-std::vector<int64_t> with_last_dim(const at::Tensor& input, int64_t features);
 
 // Weight-side ops (scatter / gather) take the logical out×in weight as a 2-D tensor of any strides
 // (a GPT-2 Conv1D weight is passed as weight.t()).
