@@ -188,8 +188,8 @@ class DeltaLinear(nn.Module):
 
     def _adopt_parameters(self) -> None:
         """Records the weight and delta Parameters this layer works on and hooks the delta's gradient. A later
-        different Parameter in either place means an engine swapped them (FSDP does, to shard): merged mode then
-        refuses (sync_merged). Called at construction, on a copy, and after a load that may assign new ones."""
+        different Parameter in either place means an engine swapped them (see _sharded_by). Called at
+        construction, on a copy, and after a load that may assign new ones."""
         weight, delta = self.base_layer._parameters["weight"], self.delta
         if self._owned and self._owned[1]() is not delta:
             self._hooked = False  # a new delta Parameter: it has no hook yet (the old one keeps its own)
@@ -281,15 +281,22 @@ class DeltaLinear(nn.Module):
             engine = "FSDP2" if self._fsdp2 else SWAPPED
         return engine
 
+    def _engine_keeping_copies(self) -> Optional[str]:
+        """_sharded_by, and also DeepSpeed ZeRO-1/2, which keeps the weight whole but steps flat fp32 copies of
+        the delta."""
+        engine = self._sharded_by()
+        if engine is None and engines.needs_gather(self.delta):
+            engine = "DeepSpeed ZeRO-1/2"
+        return engine
+
     def refuse_moving_when_sharded(self) -> None:
         """Moving the delta (set_delta, set_block: SpIEL's regrowth) rewrites the delta Parameter and W0's
-        values: not possible once an engine keeps copies of them. Raises RuntimeError then."""
-        engine = self._sharded_by()
+        values: not possible once an engine keeps copies of them (ZeRO-1/2's would overwrite the moved delta).
+        Raises RuntimeError then."""
+        engine = self._engine_keeping_copies()
         weight = self._modules["base_layer"]._parameters.get("weight")
         if engine == "DeepSpeed ZeRO-3" and not engines.is_zero3(self.delta) and weight.numel() > 0:
             engine = None  # building the layer inside a gather of its ZeRO-3 weight, before the engine starts
-        if engine is None and engines.needs_gather(self.delta):
-            engine = "DeepSpeed ZeRO-1/2"  # it steps flat fp32 copies: a write into the delta would be overwritten
         if engine is not None:
             raise RuntimeError(
                 f"ftcore: the delta cannot move to new positions under {engine}, which keeps its own copies of the delta "
@@ -479,9 +486,7 @@ def _engine_of(layers) -> Optional[str]:
     if distributed.inside_ddp_forward():
         return "DDP"
     for layer in layers:
-        engine = layer._sharded_by()
-        if engine is None and engines.needs_gather(layer.delta):
-            engine = "DeepSpeed ZeRO-1/2"
+        engine = layer._engine_keeping_copies()
         if engine is not None and engine != SWAPPED:  # a swap alone may be one rank's functional_call: no collective
             return engine
     return None
