@@ -3,7 +3,6 @@
 #include <ATen/MemoryOverlap.h>
 
 #include "ftcore/checks.h"
-#include "ftcore/dispatch.h"
 #include "ftcore/shapes.h"
 #include "ftcore/sparse_delta.h"
 
@@ -12,22 +11,6 @@ namespace ftcore {
 void check_indices(const at::Tensor& indices, const at::Tensor& like, const char* op, const char* name) {
   check_index_dtype(indices, op, name);
   check_same_device(indices, like, op, name, "the data");
-}
-
-void check_index_values(const at::Tensor& indices, int64_t numel, const char* op, const char* name) {
-  if (!indices.is_cpu() || indices.numel() == 0) return;
-  const auto idx = indices.contiguous();
-  FTCORE_DISPATCH_INDEX(idx.scalar_type(), "check_index_values", [&] {
-    const index_t* p = idx.data_ptr<index_t>();
-    const int64_t k = idx.numel();
-    for (int64_t t = 0; t < k; ++t) {
-      const int64_t v = p[t];
-      TORCH_CHECK_INDEX(v >= 0 && v < numel, op, ": ", name, "[", t, "] = ", v,
-                        " is out of range for a weight with ", numel, " entries");
-      TORCH_CHECK_VALUE(t == 0 || p[t - 1] <= v, op, ": ", name, " must be sorted (non-decreasing), but ", name,
-                        "[", t - 1, "] = ", static_cast<int64_t>(p[t - 1]), " > ", name, "[", t, "] = ", v);
-    }
-  });
 }
 
 void check_activation_pair(const at::Tensor& grad_output, const at::Tensor& input, const char* op) {
@@ -46,8 +29,6 @@ GradArgs check_grad_args(const at::Tensor& grad_output, const at::Tensor& input,
   constexpr const char* op = "sparse_delta_grad";
   check_activation_pair(grad_output, input, op);
   check_indices(indices, input, op);
-  const int64_t out = grad_output.size(-1), in = input.size(-1);
-  check_index_values(indices, out * in, op);
   return {as_rows(grad_output), as_rows(input), indices.contiguous()};
 }
 
@@ -66,7 +47,6 @@ ProductArgs check_product_args(const at::Tensor& input, const at::Tensor& indice
   const int64_t own = input.size(-1);
   const int64_t out = transpose ? own : other_features;
   const int64_t in = transpose ? other_features : own;
-  check_index_values(indices, out * in, op);
   const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return {as_rows(input), indices.contiguous(), values.to(acc).contiguous(), out, in, other_features};
 }
@@ -75,7 +55,6 @@ void check_weight_args(const at::Tensor& weight, const at::Tensor& indices, cons
   check_floating(weight, op, "weight");
   TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be the 2-D (out × in) weight, got shape ", weight.sizes());
   check_indices(indices, weight, op);
-  check_index_values(indices, weight.numel(), op);
 }
 
 void check_scatter_args(const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& values,

@@ -3,33 +3,20 @@
 #include <ATen/MemoryOverlap.h>
 
 #include "ftcore/checks.h"
-#include "ftcore/dispatch.h"
 #include "ftcore/structured.h"
 
 namespace ftcore {
 
-void check_block_index(const at::Tensor& index, const at::Tensor& like, int64_t limit, const char* op,
-                       const char* name) {
+void check_block_index(const at::Tensor& index, const at::Tensor& like, const char* op, const char* name) {
   check_index_dtype(index, op, name);
   check_same_device(index, like, op, name, "the data");
-  if (!index.is_cpu() || index.numel() == 0) return;
-  const auto idx = index.contiguous();
-  FTCORE_DISPATCH_INDEX(idx.scalar_type(), "check_block_index", [&] {
-    const index_t* p = idx.data_ptr<index_t>();
-    for (int64_t t = 0; t < idx.numel(); ++t) {
-      const int64_t v = p[t];
-      TORCH_CHECK_INDEX(v >= 0 && v < limit, op, ": ", name, "[", t, "] = ", v, " is out of range [0, ", limit, ")");
-      TORCH_CHECK_VALUE(t == 0 || p[t - 1] < v, op, ": ", name, " must be strictly increasing (sorted, no repeats), but ",
-                        name, "[", t - 1, "] = ", static_cast<int64_t>(p[t - 1]), " and ", name, "[", t, "] = ", v);
-    }
-  });
 }
 
 void check_gather_columns_args(const at::Tensor& input, const at::Tensor& columns) {
   constexpr const char* op = "gather_columns";
   check_floating(input, op, "input");
   check_min_dim(input, 1, op, "input");
-  check_block_index(columns, input, input.size(-1), op, "columns");
+  check_block_index(columns, input, op, "columns");
 }
 
 void check_scatter_columns_args(const at::Tensor& values, const at::Tensor& columns, int64_t features) {
@@ -37,7 +24,7 @@ void check_scatter_columns_args(const at::Tensor& values, const at::Tensor& colu
   check_floating(values, op, "values");
   check_min_dim(values, 1, op, "values");
   TORCH_CHECK_VALUE(features >= 0, op, ": features must be >= 0, got ", features);
-  check_block_index(columns, values, features, op, "columns");
+  check_block_index(columns, values, op, "columns");
   TORCH_CHECK_VALUE(values.size(-1) == columns.numel(), op, ": values' last dim (", values.size(-1),
                     ") must equal the number of columns (", columns.numel(), ")");
 }
@@ -49,7 +36,7 @@ std::pair<int64_t, int64_t> block_shape(const at::Tensor& weight, const at::Tens
 void check_block_args(const at::Tensor& weight, const at::Tensor& index, bool rows, const char* op) {
   check_floating(weight, op, "weight");
   TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be the 2-D (out × in) weight, got shape ", weight.sizes());
-  check_block_index(index, weight, weight.size(rows ? 0 : 1), op);
+  check_block_index(index, weight, op);
 }
 
 void check_block_scatter_args(const at::Tensor& weight, const at::Tensor& index, const at::Tensor& block,

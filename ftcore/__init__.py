@@ -10,9 +10,7 @@ what they already know.
 """
 
 from ._version import __version__
-from ._loader import check_registrations, cuda_kernels_available  # loads ftcore._C; fails loudly
-
-from . import _autograd, _fake  # noqa: F401  (registrations)
+from ._loader import check_registrations, cuda_kernels_available  # loads ftcore._C and defines the ops; fails loudly
 from . import hadamard, ops, reference
 from .ops import fake_quantize, hadamard_transform, rotate_fake_quantize
 from .api import (

@@ -2,7 +2,8 @@
 differentiation (each one's gradients are the other two), as are gather_columns / scatter_columns and the
 Hadamard transform (its gradient is its transpose), so double backward works too. The quantizers' gradients are
 straight-through estimators computed by their *_backward ops (first order only). The sparse-delta setups save only what the gradients that will be asked for need.
-multi_adapter_linear (serving) and the in-place scatters have none."""
+multi_adapter_linear (serving) and the in-place scatters have none. The op table (_op_table.py) registers each
+formula for its op."""
 
 import torch
 
@@ -17,13 +18,13 @@ def _save(ctx, inputs, needed_by):
 
 
 # dvalues = sparse_delta_grad(G, X, I):  dG = X · Dᵀ,  dX = G · D   (D holds dvalues at I)
-def _grad_setup(ctx, inputs, output):
+def grad_setup(ctx, inputs, output):
     grad_output, input, indices = inputs
     _save(ctx, (grad_output, input, indices), {0: (1,), 1: (0,), 2: (0, 1)})
     ctx.out_features, ctx.in_features = grad_output.shape[-1], input.shape[-1]
 
 
-def _grad_backward(ctx, dvalues):
+def grad_backward(ctx, dvalues):
     grad_output, input, indices = ctx.saved_tensors
     d_grad_output = d_input = None
     if ctx.needs_input_grad[0]:
@@ -34,13 +35,13 @@ def _grad_backward(ctx, dvalues):
 
 
 # Y = sparse_delta_linear(X, I, V):  dX = dY · Δ,  dV = sparse_delta_grad(dY, X)
-def _linear_setup(ctx, inputs, output):
+def linear_setup(ctx, inputs, output):
     input, indices, values, _ = inputs
     _save(ctx, (input, indices, values), {0: (2,), 1: (0, 2), 2: (0,)})
     ctx.in_features, ctx.values_dtype = input.shape[-1], values.dtype
 
 
-def _linear_backward(ctx, dy):
+def linear_backward(ctx, dy):
     input, indices, values = ctx.saved_tensors
     d_input = d_values = None
     if ctx.needs_input_grad[0]:
@@ -51,13 +52,13 @@ def _linear_backward(ctx, dy):
 
 
 # Z = sparse_delta_linear_transpose(G, I, V):  dG = dZ · Δᵀ,  dV = sparse_delta_grad(G, dZ)
-def _transpose_setup(ctx, inputs, output):
+def transpose_setup(ctx, inputs, output):
     grad_output, indices, values, _ = inputs
     _save(ctx, (grad_output, indices, values), {0: (2,), 1: (0, 2), 2: (0,)})
     ctx.out_features, ctx.values_dtype = grad_output.shape[-1], values.dtype
 
 
-def _transpose_backward(ctx, dz):
+def transpose_backward(ctx, dz):
     grad_output, indices, values = ctx.saved_tensors
     d_grad_output = d_values = None
     if ctx.needs_input_grad[0]:
@@ -69,47 +70,47 @@ def _transpose_backward(ctx, dz):
 
 # v = sparse_delta_gather(W, I):  dW = zeros with dv added at I (dense, as a weight gradient is; index_add keeps
 # it differentiable for double backward)
-def _gather_setup(ctx, inputs, output):
+def gather_setup(ctx, inputs, output):
     weight, indices = inputs
     ctx.save_for_backward(indices)
     ctx.weight_shape = weight.shape
 
 
-def _gather_backward(ctx, dvalues):
+def gather_backward(ctx, dvalues):
     (indices,) = ctx.saved_tensors
     flat = dvalues.new_zeros(ctx.weight_shape.numel()).index_add(0, indices.long(), dvalues)
     return flat.view(ctx.weight_shape), None
 
 
 # y = gather_columns(x, S):  dx = scatter_columns(dy, S, in)   (and the other way round)
-def _gather_columns_setup(ctx, inputs, output):
+def gather_columns_setup(ctx, inputs, output):
     input, columns = inputs
     ctx.save_for_backward(columns)
     ctx.features = input.shape[-1]
 
 
-def _gather_columns_backward(ctx, dy):
+def gather_columns_backward(ctx, dy):
     (columns,) = ctx.saved_tensors
     return ops.scatter_columns(dy, columns, ctx.features), None
 
 
-def _scatter_columns_setup(ctx, inputs, output):
+def scatter_columns_setup(ctx, inputs, output):
     _, columns, _ = inputs
     ctx.save_for_backward(columns)
 
 
-def _scatter_columns_backward(ctx, dy):
+def scatter_columns_backward(ctx, dy):
     (columns,) = ctx.saved_tensors
     return ops.gather_columns(dy, columns), None, None
 
 
 # B = structured_block_grad(G, X, R, S) = G[:, R]ᵀ X[:, S]:  dG[:, R] = X[:, S] · dBᵀ,  dX[:, S] = G[:, R] · dB
-def _block_grad_setup(ctx, inputs, output):
+def block_grad_setup(ctx, inputs, output):
     grad_output, input, rows, columns = inputs
     ctx.save_for_backward(grad_output, input, rows, columns)
 
 
-def _block_grad_backward(ctx, d_block):
+def block_grad_backward(ctx, d_block):
     grad_output, input, rows, columns = ctx.saved_tensors
     g = grad_output if rows is None else ops.gather_columns(grad_output, rows)
     x = input if columns is None else ops.gather_columns(input, columns)
@@ -126,32 +127,32 @@ def _block_grad_backward(ctx, d_block):
 
 
 # block = structured_block_gather(W, I):  dW = zeros with dblock copied in at the block
-def _block_gather_setup(ctx, inputs, output):
+def block_gather_setup(ctx, inputs, output):
     weight, index, rows = inputs
     ctx.save_for_backward(index)
     ctx.weight_shape, ctx.rows = weight.shape, rows
 
 
-def _block_gather_backward(ctx, d_block):
+def block_gather_backward(ctx, d_block):
     (index,) = ctx.saved_tensors
     d_weight = d_block.new_zeros(ctx.weight_shape).index_copy(0 if ctx.rows else 1, index.long(), d_block)
     return d_weight, None, None
 
 
 # y = hadamard_transform(x, transpose=t):  dx = hadamard_transform(dy, transpose=not t)  (closed: any order)
-def _hadamard_setup(ctx, inputs, output):
+def hadamard_setup(ctx, inputs, output):
     _, hadamard_k, signs, scale, transpose = inputs
     ctx.save_for_backward(hadamard_k, signs)
     ctx.scale, ctx.transpose = scale, transpose
 
 
-def _hadamard_backward(ctx, dy):
+def hadamard_backward(ctx, dy):
     hadamard_k, signs = ctx.saved_tensors
     return ops.hadamard_transform(dy, hadamard_k, signs, ctx.scale, not ctx.transpose), None, None, None, None
 
 
 # (x̂, scale, zero) = fake_quantize(x, scale?):  straight-through dx, LSQ dscale for a given scale
-def _fake_quantize_setup(ctx, inputs, output):
+def fake_quantize_setup(ctx, inputs, output):
     input, scale, bits, symmetric, group_size, _ = inputs
     _, qscale, zero = output
     ctx.mark_non_differentiable(qscale, zero)
@@ -159,7 +160,7 @@ def _fake_quantize_setup(ctx, inputs, output):
     ctx.args = (bits, symmetric, group_size)
 
 
-def _fake_quantize_backward(ctx, dy, _d_scale, _d_zero):
+def fake_quantize_backward(ctx, dy, _d_scale, _d_zero):
     input, qscale, zero = ctx.saved_tensors
     want_scale = ctx.needs_input_grad[1]
     d_input, d_scale = ops.fake_quantize_backward(dy, input, qscale, zero, *ctx.args, want_scale)
@@ -167,7 +168,7 @@ def _fake_quantize_backward(ctx, dy, _d_scale, _d_zero):
 
 
 # (x̂, qscale, zero, mask) = rotate_fake_quantize(x):  dx = transposed rotation of mask ⊙ dx̂ (only the bits saved)
-def _rotate_fake_quantize_setup(ctx, inputs, output):
+def rotate_fake_quantize_setup(ctx, inputs, output):
     _, hadamard_k, signs, scale, *_ = inputs
     _, qscale, zero, mask = output
     ctx.mark_non_differentiable(qscale, zero, mask)
@@ -175,28 +176,7 @@ def _rotate_fake_quantize_setup(ctx, inputs, output):
     ctx.scale = scale
 
 
-def _rotate_fake_quantize_backward(ctx, dy, _d_scale, _d_zero, _d_mask):
+def rotate_fake_quantize_backward(ctx, dy, _d_scale, _d_zero, _d_mask):
     mask, hadamard_k, signs = ctx.saved_tensors
     d_input = ops.rotate_fake_quantize_backward(dy, mask, hadamard_k, signs, ctx.scale)
     return d_input, None, None, None, None, None, None, None
-
-
-torch.library.register_autograd("ftcore::hadamard_transform", _hadamard_backward, setup_context=_hadamard_setup)
-torch.library.register_autograd(
-    "ftcore::fake_quantize", _fake_quantize_backward, setup_context=_fake_quantize_setup
-)
-torch.library.register_autograd(
-    "ftcore::rotate_fake_quantize", _rotate_fake_quantize_backward, setup_context=_rotate_fake_quantize_setup
-)
-torch.library.register_autograd("ftcore::sparse_delta_grad", _grad_backward, setup_context=_grad_setup)
-torch.library.register_autograd("ftcore::sparse_delta_linear", _linear_backward, setup_context=_linear_setup)
-torch.library.register_autograd(
-    "ftcore::sparse_delta_linear_transpose", _transpose_backward, setup_context=_transpose_setup
-)
-torch.library.register_autograd("ftcore::sparse_delta_gather", _gather_backward, setup_context=_gather_setup)
-torch.library.register_autograd("ftcore::gather_columns", _gather_columns_backward, setup_context=_gather_columns_setup)
-torch.library.register_autograd("ftcore::scatter_columns", _scatter_columns_backward, setup_context=_scatter_columns_setup)
-torch.library.register_autograd("ftcore::structured_block_grad", _block_grad_backward, setup_context=_block_grad_setup)
-torch.library.register_autograd(
-    "ftcore::structured_block_gather", _block_gather_backward, setup_context=_block_gather_setup
-)

@@ -1,4 +1,5 @@
-"""Loads the compiled extension, refusing loudly when it is missing or was built for another torch."""
+"""Loads the compiled extension, refusing loudly when it is missing or was built for another torch, then defines
+the ops of the op table (_op_table.py) around its kernels."""
 
 import torch
 
@@ -16,30 +17,11 @@ if _C.torch_version != torch.__version__:
         "Rebuild ftcore with `pip install --no-build-isolation --force-reinstall .` against this torch."
     )
 
-OPS = (
-    "sparse_delta_grad",
-    "sparse_delta_linear",
-    "sparse_delta_linear_transpose",
-    "sparse_delta_scatter_",
-    "sparse_delta_gather",
-    "sparse_delta_topk",
-    "gather_columns",
-    "scatter_columns",
-    "structured_block_grad",
-    "structured_block_scatter_",
-    "structured_block_gather",
-    "multi_adapter_linear",
-    "hadamard_transform",
-    "fake_quantize",
-    "fake_quantize_backward",
-    "rotate_fake_quantize",
-    "rotate_fake_quantize_backward",
-    "quantize_int4",
-    "pack_int4",
-    "unpack_int4",
-    "dequantize_int4",
-    "int4_linear",
-)
+from . import _op_table  # noqa: E402  (after the checks above: a stale build must not reach the dispatcher)
+
+_op_table.register(_C)
+
+OPS = tuple(op.name for op in _op_table.TABLE)
 
 
 def cuda_kernels_available() -> bool:

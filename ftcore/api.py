@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import distributed, engines
+from . import distributed, engines, ops
 from .nn.base import DeltaLinear, logical_weight
 from .nn.sparse_delta import SparseDeltaLinear
 from .tuners import adapter as adapter_files
@@ -246,8 +246,10 @@ def compose(model: nn.Module, *adapters: str, scale: float = 1.0) -> nn.Module:
                     module.add_to_base(tensors["indices"], tensors["values"], scale)
                 else:
                     weight = logical_weight(module)
-                    torch.ops.ftcore.sparse_delta_scatter_(
-                        weight, tensors["indices"].to(weight.device), tensors["values"].to(weight.device), float(scale), None
+                    # the adapter's indices were proven when its file was read (check_adapter_record)
+                    ops.sparse_delta_scatter_(
+                        weight, tensors["indices"].to(weight.device), tensors["values"].to(weight.device), float(scale),
+                        checked=True,
                     )
     return model
 

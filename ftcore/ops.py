@@ -1,12 +1,15 @@
-"""Typed wrappers over ``torch.ops.ftcore.*``: the sparse-delta family.
+"""Typed wrappers over ``torch.ops.ftcore.*``: the ops layer, the one place in ftcore that calls the compiled ops
+(with ``_autograd.py``, whose formulas call them in backward). Each wrapper is bound to its op's entry in the op
+table (``_op_table.py``), which appends the op's schema to its docstring.
 
 A sparse delta Δ of a logical ``out × in`` weight is a pair of 1-D tensors: ``indices`` (int32 or int64 flat
 row-major positions, sorted, each in ``[0, out·in)``) and ``values``. Entry t sits at row ``indices[t] // in``,
 column ``indices[t] % in``; repeated positions add up. Activations are ``(..., features)`` tensors.
 
-On the CPU the kernels check index values themselves. On CUDA they only trip a device-side assert (checking
-would cost a host synchronisation per call), so these wrappers check CUDA indices here, once per call; the
-modules, which validate their indices when they are set, call the ops directly.
+Validation (``_validate.py``, the same on CPU and CUDA): every call checks shapes and dtypes (in the kernels'
+argument checks) and the index values (:func:`check_delta_indices`: one host sync on CUDA). ``checked=True``
+skips the index values for a caller that proved them already, as the modules do when they set their indices;
+a bad index that slips through is still stopped by the kernels' memory guard, never read or written out of bounds.
 """
 
 import math
@@ -16,42 +19,21 @@ import torch
 from torch import Tensor
 
 from ._loader import OPS
+from ._op_table import wraps_op
+from ._validate import check_delta_indices
 
 # The *_backward ops serve the autograd formulas (ftcore/_autograd.py); they have no wrapper here.
 __all__ = [*(op for op in OPS if not op.endswith("_backward")), "check_delta_indices"]
 
 
-def check_delta_indices(indices: Tensor, numel: int, *, name: str = "indices", strict: bool = False) -> None:
-    """Raises a clear error unless `indices` is a 1-D int32/int64 tensor, sorted (strictly increasing when
-    `strict`, i.e. no duplicates), with every entry in [0, numel). Costs one host sync for a CUDA tensor."""
-    if not isinstance(indices, Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(indices).__name__}")
-    if indices.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name} must be int32 or int64, got {indices.dtype}")
-    if indices.dim() != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(indices.shape)}")
-    if indices.numel() == 0:
-        return
-    lo, hi = int(indices.min()), int(indices.max())
-    if lo < 0 or hi >= numel:
-        bad = lo if lo < 0 else hi
-        raise IndexError(f"{name} holds {bad}, out of range for a weight with {numel} entries")
-    steps = indices[1:] - indices[:-1]
-    if indices.numel() > 1 and bool((steps <= 0).any() if strict else (steps < 0).any()):
-        first = int(torch.nonzero(steps <= 0 if strict else steps < 0)[0])
-        what = "strictly increasing (no duplicates)" if strict else "sorted (non-decreasing)"
-        raise ValueError(
-            f"{name} must be {what}, but {name}[{first}] = {int(indices[first])} and "
-            f"{name}[{first + 1}] = {int(indices[first + 1])}"
-        )
+def _check(indices: Optional[Tensor], limit: int, checked: bool, name: str = "indices", strict: bool = False) -> None:
+    # A negative size is the op's to report (its argument checks name it); shapes come before values.
+    if indices is not None and not checked and limit >= 0:
+        check_delta_indices(indices, limit, name=name, strict=strict)
 
 
-def _check_cuda(indices: Tensor, numel: int) -> None:
-    if isinstance(indices, Tensor) and indices.is_cuda:
-        check_delta_indices(indices, numel)
-
-
-def sparse_delta_grad(grad_output: Tensor, input: Tensor, indices: Tensor) -> Tensor:
+@wraps_op("sparse_delta_grad")
+def sparse_delta_grad(grad_output: Tensor, input: Tensor, indices: Tensor, *, checked: bool = False) -> Tensor:
     """Weight gradient of a linear layer at the k delta positions only.
 
     grad_output: (..., out); input: (..., in), same leading dims and dtype; indices: (k,).
@@ -59,31 +41,44 @@ def sparse_delta_grad(grad_output: Tensor, input: Tensor, indices: Tensor) -> Te
     ``(grad_output.reshape(-1, out).T @ input.reshape(-1, in)).flatten()[indices]`` accumulated in fp32,
     without ever forming the out × in gradient.
     """
-    _check_cuda(indices, grad_output.shape[-1] * input.shape[-1])
+    _check(indices, grad_output.shape[-1] * input.shape[-1], checked)
     return torch.ops.ftcore.sparse_delta_grad.default(grad_output, input, indices)
 
 
-def sparse_delta_linear(input: Tensor, indices: Tensor, values: Tensor, out_features: int) -> Tensor:
+@wraps_op("sparse_delta_linear")
+def sparse_delta_linear(
+    input: Tensor, indices: Tensor, values: Tensor, out_features: int, *, checked: bool = False
+) -> Tensor:
     """``input @ Δᵀ`` for Δ of shape (out_features, in): (..., in) -> (..., out_features), in input's dtype.
 
     Same as ``F.linear(input, delta_dense)`` where ``delta_dense.flatten().index_add_(0, indices, values)``,
     except that positions outside Δ contribute nothing at all (a dense product would turn inf · 0 into NaN).
     """
-    _check_cuda(indices, out_features * input.shape[-1])
+    _check(indices, out_features * input.shape[-1], checked)
     return torch.ops.ftcore.sparse_delta_linear.default(input, indices, values, out_features)
 
 
-def sparse_delta_linear_transpose(grad_output: Tensor, indices: Tensor, values: Tensor, in_features: int) -> Tensor:
+@wraps_op("sparse_delta_linear_transpose")
+def sparse_delta_linear_transpose(
+    grad_output: Tensor, indices: Tensor, values: Tensor, in_features: int, *, checked: bool = False
+) -> Tensor:
     """``grad_output @ Δ`` for Δ of shape (out, in_features): (..., out) -> (..., in_features).
 
     The input gradient of :func:`sparse_delta_linear`.
     """
-    _check_cuda(indices, grad_output.shape[-1] * in_features)
+    _check(indices, grad_output.shape[-1] * in_features, checked)
     return torch.ops.ftcore.sparse_delta_linear_transpose.default(grad_output, indices, values, in_features)
 
 
+@wraps_op("sparse_delta_scatter_")
 def sparse_delta_scatter_(
-    weight: Tensor, indices: Tensor, values: Tensor, alpha: float = 1.0, base: Optional[Tensor] = None
+    weight: Tensor,
+    indices: Tensor,
+    values: Tensor,
+    alpha: float = 1.0,
+    base: Optional[Tensor] = None,
+    *,
+    checked: bool = False,
 ) -> None:
     """In place on the 2-D logical (out, in) weight (any strides; pass ``conv1d.weight.t()`` for GPT-2)::
 
@@ -93,16 +88,18 @@ def sparse_delta_scatter_(
     computed in fp32 (fp64 for float64 weights) and rounded once. ``alpha == 0`` with ``base`` writes ``base``
     exactly without reading ``values`` (bit-exact unmerge). Not differentiable.
     """
-    _check_cuda(indices, weight.numel())
+    _check(indices, weight.numel(), checked)
     torch.ops.ftcore.sparse_delta_scatter_.default(weight, indices, values, float(alpha), base)
 
 
-def sparse_delta_gather(weight: Tensor, indices: Tensor) -> Tensor:
+@wraps_op("sparse_delta_gather")
+def sparse_delta_gather(weight: Tensor, indices: Tensor, *, checked: bool = False) -> Tensor:
     """``weight.flat[indices]`` of the 2-D logical (out, in) weight (any strides), in weight's dtype."""
-    _check_cuda(indices, weight.numel())
+    _check(indices, weight.numel(), checked)
     return torch.ops.ftcore.sparse_delta_gather.default(weight, indices)
 
 
+@wraps_op("sparse_delta_topk")
 def sparse_delta_topk(
     grad_output: Tensor,
     input: Tensor,
@@ -111,24 +108,24 @@ def sparse_delta_topk(
     candidates: Optional[Tensor] = None,
     exclude: Optional[Tensor] = None,
     chunk_rows: int = 0,
+    checked: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """The k weight positions with the largest dense-gradient magnitude ``|grad_outputᵀ · input|``.
 
     Over the whole out × in matrix (minus `exclude`), rows of the gradient are formed `chunk_rows` at a time
     (0 picks about 2^22 entries a chunk), so memory stays O(chunk_rows · in + k). Over a `candidates` set, the
-    exact gradient is taken there with :func:`sparse_delta_grad`. Returns (indices int64 sorted, magnitudes fp32).
+    exact gradient is taken there with :func:`sparse_delta_grad` (`checked` applies to `candidates`). Returns (indices int64 sorted, magnitudes fp32).
     """
     if candidates is not None:
         if exclude is not None:
             raise ValueError("pass either candidates or exclude, not both")
-        scores = sparse_delta_grad(grad_output, input, candidates).abs().float()
+        scores = sparse_delta_grad(grad_output, input, candidates, checked=checked).abs().float()
         if not 0 <= k <= scores.numel():
             raise ValueError(f"k must be in [0, {scores.numel()}] (the number of candidates), got {k}")
         top = torch.topk(scores, k, sorted=False)
         chosen, order = torch.sort(candidates.long()[top.indices])
         return chosen, top.values[order]
-    if exclude is not None:
-        _check_cuda(exclude, grad_output.shape[-1] * input.shape[-1])
+    # `exclude` is checked by the op itself, on either device: it synchronises once per call anyway.
     return torch.ops.ftcore.sparse_delta_topk.default(grad_output, input, k, exclude, chunk_rows)
 
 
@@ -139,26 +136,28 @@ def sparse_delta_topk(
 # outputs). Blocks are gathered and scattered by index: the weight's layout never changes.
 
 
-def _check_cuda_block_index(index: Optional[Tensor], limit: int, name: str) -> None:
-    # On the CPU the kernels check; on CUDA an index that repeats would race in the scatters: check here.
-    if isinstance(index, Tensor) and index.is_cuda:
-        check_delta_indices(index, limit, name=name, strict=True)
-
-
-def gather_columns(input: Tensor, columns: Tensor) -> Tensor:
+@wraps_op("gather_columns")
+def gather_columns(input: Tensor, columns: Tensor, *, checked: bool = False) -> Tensor:
     """``input[..., columns]`` as a compact contiguous tensor: the only activation a column block keeps."""
-    _check_cuda_block_index(columns, input.shape[-1], "columns")
+    _check(columns, input.shape[-1], checked, "columns", strict=True)
     return torch.ops.ftcore.gather_columns.default(input, columns)
 
 
-def scatter_columns(values: Tensor, columns: Tensor, features: int) -> Tensor:
+@wraps_op("scatter_columns")
+def scatter_columns(values: Tensor, columns: Tensor, features: int, *, checked: bool = False) -> Tensor:
     """(..., features) zeros with ``values[..., j]`` at column ``columns[j]``: the adjoint of gather_columns."""
-    _check_cuda_block_index(columns, features, "columns")
+    _check(columns, features, checked, "columns", strict=True)
     return torch.ops.ftcore.scatter_columns.default(values, columns, features)
 
 
+@wraps_op("structured_block_grad")
 def structured_block_grad(
-    grad_output: Tensor, input: Tensor, rows: Optional[Tensor] = None, columns: Optional[Tensor] = None
+    grad_output: Tensor,
+    input: Tensor,
+    rows: Optional[Tensor] = None,
+    columns: Optional[Tensor] = None,
+    *,
+    checked: bool = False,
 ) -> Tensor:
     """A block's weight gradient: ``grad_output[..., rows]ᵀ · input[..., columns]`` summed over the tokens, in
     float32 (float64 for float64 inputs) whatever the activations' dtype. Either index may be omitted (all).
@@ -166,27 +165,37 @@ def structured_block_grad(
     Column block: ``structured_block_grad(g, gather_columns(x, S))`` (out × k). Row block:
     ``structured_block_grad(g, x, rows=R)`` (k × in). Same as ``F.linear``'s weight gradient restricted to the block.
     """
-    _check_cuda_block_index(rows, grad_output.shape[-1], "rows")
-    _check_cuda_block_index(columns, input.shape[-1], "columns")
+    _check(rows, grad_output.shape[-1], checked, "rows", strict=True)
+    _check(columns, input.shape[-1], checked, "columns", strict=True)
     return torch.ops.ftcore.structured_block_grad.default(grad_output, input, rows, columns)
 
 
+@wraps_op("structured_block_scatter_")
 def structured_block_scatter_(
-    weight: Tensor, index: Tensor, block: Tensor, alpha: float = 1.0, base: Optional[Tensor] = None, *, rows: bool = False
+    weight: Tensor,
+    index: Tensor,
+    block: Tensor,
+    alpha: float = 1.0,
+    base: Optional[Tensor] = None,
+    *,
+    rows: bool = False,
+    checked: bool = False,
 ) -> None:
     """In place on the 2-D logical (out, in) weight (any strides): ``weight[:, index]`` (or ``[index, :]`` with
     rows=True) ``= start + alpha * block``, start = `base` if given else the current block, computed in fp32 and
     rounded once. ``alpha == 0`` with `base` writes `base` exactly (bit-exact unmerge). Not differentiable."""
-    _check_cuda_block_index(index, weight.shape[0 if rows else 1], "index")
+    _check(index, weight.shape[0 if rows else 1], checked, "index", strict=True)
     torch.ops.ftcore.structured_block_scatter_.default(weight, index, block, float(alpha), base, rows)
 
 
-def structured_block_gather(weight: Tensor, index: Tensor, *, rows: bool = False) -> Tensor:
+@wraps_op("structured_block_gather")
+def structured_block_gather(weight: Tensor, index: Tensor, *, rows: bool = False, checked: bool = False) -> Tensor:
     """``weight[:, index]`` (or ``weight[index, :]``) of the 2-D logical weight, contiguous, in weight's dtype."""
-    _check_cuda_block_index(index, weight.shape[0 if rows else 1], "index")
+    _check(index, weight.shape[0 if rows else 1], checked, "index", strict=True)
     return torch.ops.ftcore.structured_block_gather.default(weight, index, rows)
 
 
+@wraps_op("multi_adapter_linear")
 def multi_adapter_linear(
     input: Tensor,
     weight: Tensor,
@@ -197,6 +206,7 @@ def multi_adapter_linear(
     blocks: Tensor,
     *,
     rows: bool = False,
+    checked: bool = False,
 ) -> Tensor:
     """Serves many structured adapters in one batch without merging any (forward only).
 
@@ -204,6 +214,11 @@ def multi_adapter_linear(
     product (-1: base model only). Adapter a's index is ``index[offsets[a]:offsets[a+1]]`` and its block the same
     slice of `blocks`, stacked along dim 1 (columns: out × Σk) or dim 0 (rows: Σk × in).
     """
+    if not checked and isinstance(offsets, Tensor) and isinstance(weight, Tensor) and weight.dim() == 2:
+        bounds = offsets.tolist()
+        for a, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if 0 <= lo <= hi <= index.numel():  # the op names offsets that are out of order
+                _check(index[lo:hi], weight.shape[0 if rows else 1], False, f"index of adapter {a}", strict=True)
     return torch.ops.ftcore.multi_adapter_linear.default(input, weight, bias, adapter_ids, index, offsets, blocks, rows)
 
 
@@ -254,6 +269,7 @@ def _rotation_args(x: Tensor, signs: Optional[Tensor], scale: Optional[float]):
     return hadamard_k_on(k, x.device), signs, 1.0 / math.sqrt(n) if scale is None else float(scale)
 
 
+@wraps_op("hadamard_transform")
 def hadamard_transform(
     x: Tensor,
     scale: Optional[float] = None,
@@ -285,6 +301,7 @@ def hadamard_transform(
     return torch.ops.ftcore.hadamard_transform.default(x, hadamard_k, signs, scale, bool(transpose))
 
 
+@wraps_op("fake_quantize")
 def fake_quantize(
     x: Tensor,
     bits: int,
@@ -316,6 +333,7 @@ def fake_quantize(
     return (out, qscale, zero) if return_params else out
 
 
+@wraps_op("rotate_fake_quantize")
 def rotate_fake_quantize(
     x: Tensor,
     bits: int,
@@ -341,6 +359,7 @@ def rotate_fake_quantize(
     return (out, qscale, zero) if return_params else out
 
 
+@wraps_op("quantize_int4")
 def quantize_int4(
     weight: Tensor, group_size: Optional[int] = None, symmetric: bool = True, clip_ratio: float = 1.0
 ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -351,18 +370,21 @@ def quantize_int4(
     return torch.ops.ftcore.quantize_int4.default(weight, group_size or 0, bool(symmetric), float(clip_ratio))
 
 
+@wraps_op("pack_int4")
 def pack_int4(codes: Tensor) -> Tensor:
     """uint8 codes in [0, 15] (..., 2c) -> packed uint8 (..., c): code 2j in the low nibble of byte j."""
-    if isinstance(codes, Tensor) and codes.is_cuda and codes.numel() and int(codes.max()) > 15:
+    if isinstance(codes, Tensor) and codes.numel() and int(codes.max()) > 15:
         raise ValueError(f"pack_int4: codes must be in [0, 15], found {int(codes.max())}")
     return torch.ops.ftcore.pack_int4.default(codes)
 
 
+@wraps_op("unpack_int4")
 def unpack_int4(packed: Tensor) -> Tensor:
     """The inverse of :func:`pack_int4`, bit for bit."""
     return torch.ops.ftcore.unpack_int4.default(packed)
 
 
+@wraps_op("dequantize_int4")
 def dequantize_int4(
     packed: Tensor, scale: Tensor, zero_point: Tensor, group_size: Optional[int] = None, dtype=torch.float32
 ) -> Tensor:
@@ -370,6 +392,7 @@ def dequantize_int4(
     return torch.ops.ftcore.dequantize_int4.default(packed, scale, zero_point, group_size or 0, dtype)
 
 
+@wraps_op("int4_linear")
 def int4_linear(
     input: Tensor,
     packed: Tensor,

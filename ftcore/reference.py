@@ -267,6 +267,18 @@ def pack_bits(inside: Tensor) -> Tensor:
     return (padded << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
 
 
+def unpack_bits(mask: Tensor, n: int) -> Tensor:
+    """The inverse of pack_bits: uint8 (rows, ceil(n/8)) -> bool (rows, n)."""
+    bits = (mask[..., None] >> torch.arange(8, dtype=torch.uint8, device=mask.device)) & 1
+    return bits.flatten(-2)[..., :n].bool()
+
+
+def rotate_fake_quantize_backward(grad, mask, hadamard_k, signs, scale) -> Tensor:
+    """The straight-through bits applied to the gradient, then the transposed rotation."""
+    inside = unpack_bits(mask, grad.shape[-1]).reshape(grad.shape)
+    return hadamard_transform(torch.where(inside, grad, torch.zeros_like(grad)), hadamard_k, signs, scale, True)
+
+
 def pack_int4(codes: Tensor) -> Tensor:
     return (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
 

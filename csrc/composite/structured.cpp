@@ -32,8 +32,8 @@ at::Tensor structured_block_grad(const at::Tensor& grad_output, const at::Tensor
                                  const std::optional<at::Tensor>& rows, const std::optional<at::Tensor>& columns) {
   constexpr const char* op = "structured_block_grad";
   check_activation_pair(grad_output, input, op);
-  if (rows) check_block_index(*rows, grad_output, grad_output.size(-1), op, "rows");
-  if (columns) check_block_index(*columns, input, input.size(-1), op, "columns");
+  if (rows) check_block_index(*rows, grad_output, op, "rows");
+  if (columns) check_block_index(*columns, input, op, "columns");
   const auto a = as_rows(rows ? gather_columns(grad_output, *rows) : grad_output);
   const auto b = as_rows(columns ? gather_columns(input, *columns) : input);
   const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -81,7 +81,7 @@ at::Tensor multi_adapter_linear(const at::Tensor& input, const at::Tensor& weigh
     if (k == 0 || !(ids == a).any().item<bool>()) continue;
     const auto sel = (device_ids == a).nonzero().squeeze(1);
     const auto idx = index.slice(0, begin, begin + k);
-    check_block_index(idx, input, rows ? out : in, op, "index");
+    check_block_index(idx, input, op, "index");
     const auto x = input.index_select(0, sel);
     if (rows) {  // y[..., idx] += x · blockᵀ for the adapter's rows of the batch
       const auto block = blocks.narrow(0, begin, k).to(input.scalar_type());

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "cpu/isa/kernels.h"
 #include "ftcore/checks.h"
@@ -68,25 +69,34 @@ void check_int32_features(int64_t out, int64_t in, const char* op) {
                     ": weights with 2^31 or more rows or columns are not supported, got ", out, "x", in);
 }
 
-// Groups are rows of Δ: the sorted entries in their own order, each paired with its column.
-GroupedEntries group_by_rows(const at::Tensor& indices, int64_t out, int64_t in, const at::Tensor& values) {
+// Groups are rows of Δ: the sorted entries in their own order, each paired with its column. The pass is also the
+// memory guard (checks.h): an entry below its row's start (unsorted or negative) or one left over past the last
+// row (out of range) raises.
+GroupedEntries group_by_rows(const at::Tensor& indices, int64_t out, int64_t in, const at::Tensor& values,
+                             const char* op) {
   const int64_t k = indices.numel();
   GroupedEntries g{std::vector<int64_t>(out + 1), std::vector<int32_t>(k), values};
   FTCORE_DISPATCH_INDEX(indices.scalar_type(), "group_by_rows", [&] {
     const index_t* idx = indices.data_ptr<index_t>();
     int64_t t = 0;
+    bool ordered = true;
     for (int64_t r = 0; r < out; ++r) {
       g.ptr[r] = t;
-      for (; t < k && static_cast<int64_t>(idx[t]) < (r + 1) * in; ++t)
+      for (; t < k && static_cast<int64_t>(idx[t]) < (r + 1) * in; ++t) {
+        ordered &= static_cast<int64_t>(idx[t]) >= r * in;
         g.operand[t] = static_cast<int32_t>(idx[t] - r * in);
+      }
     }
     g.ptr[out] = t;
+    if (!ordered || t != k) fail_index_guard(op, "indices", "sorted and in range");
   });
   return g;
 }
 
-// Groups are columns of Δ: a stable counting sort by column, each entry paired with its row.
-GroupedEntries group_by_columns(const at::Tensor& indices, int64_t in, const at::Tensor& values) {
+// Groups are columns of Δ: a stable counting sort by column, each entry paired with its row. The first pass is
+// the memory guard (checks.h).
+GroupedEntries group_by_columns(const at::Tensor& indices, int64_t out, int64_t in, const at::Tensor& values,
+                                const char* op) {
   const int64_t k = indices.numel();
   GroupedEntries g{std::vector<int64_t>(in + 1, 0), std::vector<int32_t>(k), at::Tensor()};
   std::vector<int64_t> order(k);
@@ -95,7 +105,9 @@ GroupedEntries group_by_columns(const at::Tensor& indices, int64_t in, const at:
     std::vector<int64_t> rows(k);
     int64_t row = 0;
     for (int64_t t = 0; t < k; ++t) {  // sorted: the row only grows
-      while (static_cast<int64_t>(idx[t]) >= (row + 1) * in) ++row;
+      const int64_t v = idx[t];
+      if (v < row * in || v >= out * in) fail_index_guard(op, "indices", "sorted and in range");
+      while (v >= (row + 1) * in) ++row;
       rows[t] = row;
       ++g.ptr[idx[t] - row * in + 1];
     }
@@ -144,7 +156,7 @@ at::Tensor sparse_delta_grad_cpu(const at::Tensor& grad_output, const at::Tensor
   check_int32_features(out, in, "sparse_delta_grad");
 
   const cpu::Kernels& K = cpu::active_kernels();
-  const auto entries = group_by_rows(a.indices, out, in, at::Tensor());
+  const auto entries = group_by_rows(a.indices, out, in, at::Tensor(), "sparse_delta_grad");
   const int64_t width = panel_width(tokens, in, at::elementSize(acc));
   auto x_panel = new_panel(in * width, result.options());
   auto g_panel = new_panel(out * width, result.options());
@@ -173,10 +185,11 @@ at::Tensor product_cpu(const ProductArgs& a, const at::Tensor& original_input, b
   if (result.numel() == 0) return result;
   auto result_rows = as_rows(result);
   if (a.indices.numel() == 0) return result.zero_();
-  check_int32_features(a.out_features, a.in_features, transpose ? "sparse_delta_linear_transpose" : "sparse_delta_linear");
+  const char* op = transpose ? "sparse_delta_linear_transpose" : "sparse_delta_linear";
+  check_int32_features(a.out_features, a.in_features, op);
 
-  const auto entries = transpose ? group_by_columns(a.indices, a.in_features, a.values)
-                                 : group_by_rows(a.indices, a.out_features, a.in_features, a.values);
+  const auto entries = transpose ? group_by_columns(a.indices, a.out_features, a.in_features, a.values, op)
+                                 : group_by_rows(a.indices, a.out_features, a.in_features, a.values, op);
   const cpu::Kernels& K = cpu::active_kernels();
   const auto acc = a.values.scalar_type();
   const int64_t width = panel_width(tokens, operand_features, at::elementSize(acc));
@@ -238,7 +251,8 @@ void sparse_delta_scatter_cpu(at::Tensor& weight, const at::Tensor& indices, con
   const bool restore = alpha == 0.0;  // leave the start value exactly; values are not read
   const auto vals = restore ? at::Tensor() : values.to(acc_type(weight.scalar_type())).contiguous();
   const auto base_c = base ? base->contiguous() : at::Tensor();
-  const int64_t in = weight.size(1), s0 = weight.stride(0), s1 = weight.stride(1);
+  const int64_t in = weight.size(1), s0 = weight.stride(0), s1 = weight.stride(1), numel = weight.numel();
+  std::atomic<bool> guard_tripped{false};  // the memory guard (checks.h), set by any range
   FTCORE_DISPATCH_FLOATING(weight.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* w = weight.data_ptr<scalar_t>();
@@ -256,6 +270,11 @@ void sparse_delta_scatter_cpu(at::Tensor& weight, const at::Tensor& indices, con
         while (t < t1) {
           int64_t r = t + 1;
           while (r < k && ip[r] == ip[t]) ++r;
+          // A repeat split by unsorted entries would be written by two ranges; out of range, out of bounds.
+          if (ip[t] < 0 || ip[t] >= numel || (r < k && ip[r] < ip[t])) {
+            guard_tripped = true;
+            return;
+          }
           const int64_t off = cursor.offset(ip[t]);
           const acc_t start = b ? static_cast<acc_t>(b[t]) : static_cast<acc_t>(w[off]);
           if (restore) {
@@ -270,6 +289,7 @@ void sparse_delta_scatter_cpu(at::Tensor& weight, const at::Tensor& indices, con
       });
     });
   });
+  if (guard_tripped) fail_index_guard(op, "indices", "sorted and in range");
 }
 
 at::Tensor sparse_delta_gather_cpu(const at::Tensor& weight, const at::Tensor& indices) {
@@ -279,7 +299,8 @@ at::Tensor sparse_delta_gather_cpu(const at::Tensor& weight, const at::Tensor& i
   const int64_t k = idx.numel();
   auto result = at::empty({k}, weight.options());
   if (k == 0) return result;
-  const int64_t in = weight.size(1), s0 = weight.stride(0), s1 = weight.stride(1);
+  const int64_t in = weight.size(1), s0 = weight.stride(0), s1 = weight.stride(1), numel = weight.numel();
+  std::atomic<bool> guard_tripped{false};  // the memory guard (checks.h)
   FTCORE_DISPATCH_FLOATING(weight.scalar_type(), op, [&] {
     const scalar_t* w = weight.data_ptr<scalar_t>();
     scalar_t* r = result.data_ptr<scalar_t>();
@@ -287,10 +308,17 @@ at::Tensor sparse_delta_gather_cpu(const at::Tensor& weight, const at::Tensor& i
       const index_t* ip = idx.data_ptr<index_t>();
       at::parallel_for(0, k, 4096, [&](int64_t t0, int64_t t1) {
         RowCursor cursor{in, s0, s1};
-        for (int64_t t = t0; t < t1; ++t) r[t] = w[cursor.offset(ip[t])];
+        for (int64_t t = t0; t < t1; ++t) {
+          if (ip[t] < 0 || ip[t] >= numel) {
+            guard_tripped = true;
+            return;
+          }
+          r[t] = w[cursor.offset(ip[t])];
+        }
       });
     });
   });
+  if (guard_tripped) fail_index_guard(op, "indices", "in range");
   return result;
 }
 

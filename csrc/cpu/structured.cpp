@@ -35,6 +35,7 @@ at::Tensor gather_columns_cpu(const at::Tensor& input, const at::Tensor& columns
     FTCORE_DISPATCH_INDEX(idx.scalar_type(), op, [&] {
       const scalar_t* src = x.data_ptr<scalar_t>();
       const index_t* col = idx.data_ptr<index_t>();
+      guard_in_range(col, k, x.size(1), op, "columns");
       scalar_t* dst = out.data_ptr<scalar_t>();
       at::parallel_for(0, x.size(0), row_grain(k), [&](int64_t n0, int64_t n1) {
         for (int64_t n = n0; n < n1; ++n)
@@ -59,6 +60,7 @@ at::Tensor scatter_columns_cpu(const at::Tensor& values, const at::Tensor& colum
     FTCORE_DISPATCH_INDEX(idx.scalar_type(), op, [&] {
       const scalar_t* src = v.data_ptr<scalar_t>();
       const index_t* col = idx.data_ptr<index_t>();
+      guard_in_range(col, k, features, op, "columns");
       scalar_t* dst = out.data_ptr<scalar_t>();
       at::parallel_for(0, v.size(0), row_grain(features), [&](int64_t n0, int64_t n1) {
         for (int64_t n = n0; n < n1; ++n)
@@ -73,8 +75,9 @@ namespace {
 
 // Visits every element of a block: f(block_row, block_col, weight_offset). Rows of the block run in parallel.
 template <typename index_t, typename F>
-void for_block(const at::Tensor& weight, const index_t* idx, int64_t k, bool rows, F&& f) {
+void for_block(const at::Tensor& weight, const index_t* idx, int64_t k, bool rows, const char* op, F&& f) {
   const int64_t out = weight.size(0), in = weight.size(1), s0 = weight.stride(0), s1 = weight.stride(1);
+  guard_in_range(idx, k, rows ? out : in, op, "index");
   const int64_t block_rows = rows ? k : out, block_cols = rows ? in : k;
   at::parallel_for(0, block_rows, row_grain(block_cols), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -107,7 +110,7 @@ void structured_block_scatter_cpu(at::Tensor& weight, const at::Tensor& index, c
     const scalar_t* s = base ? base_c.data_ptr<scalar_t>() : nullptr;
     const acc_t a = static_cast<acc_t>(alpha);
     FTCORE_DISPATCH_INDEX(idx.scalar_type(), op, [&] {
-      for_block(weight, idx.data_ptr<index_t>(), idx.numel(), rows, [&](int64_t r, int64_t c, int64_t off) {
+      for_block(weight, idx.data_ptr<index_t>(), idx.numel(), rows, op, [&](int64_t r, int64_t c, int64_t off) {
         const int64_t e = r * block_cols + c;
         const acc_t start = s ? static_cast<acc_t>(s[e]) : static_cast<acc_t>(w[off]);
         w[off] = static_cast<scalar_t>(restore ? start : start + a * b[e]);
@@ -127,7 +130,7 @@ at::Tensor structured_block_gather_cpu(const at::Tensor& weight, const at::Tenso
     const scalar_t* w = weight.data_ptr<scalar_t>();
     scalar_t* out = result.data_ptr<scalar_t>();
     FTCORE_DISPATCH_INDEX(idx.scalar_type(), op, [&] {
-      for_block(weight, idx.data_ptr<index_t>(), idx.numel(), rows,
+      for_block(weight, idx.data_ptr<index_t>(), idx.numel(), rows, op,
                 [&, cols = c](int64_t br, int64_t bc, int64_t off) { out[br * cols + bc] = w[off]; });
     });
   });

@@ -208,6 +208,11 @@ class DeltaLinear(nn.Module):
         """The trainable Parameter."""
         raise NotImplementedError
 
+    def check_index(self, index: Tensor) -> None:
+        """Raises unless `index` holds valid delta positions of this weight. Runs where the positions are set (the
+        constructor, set_delta/set_block, load_state_dict); the hot paths then skip the value checks."""
+        raise NotImplementedError
+
     def _write_merged(self) -> None:
         """Writes W0 + Δ (rounded to the weight dtype) at the delta's positions of the base weight."""
         raise NotImplementedError
@@ -369,7 +374,8 @@ class DeltaLinear(nn.Module):
     # re-derived from W0 unless the weight, the positions and the base values arrive together.
 
     def _before_load(self, module, state_dict, prefix, *args) -> None:
-        # Shapes first: a failed load must not have written the weight (the weight would load, the buffers not).
+        # Shapes and index values first: a failed load must not have written the weight (the weight would load,
+        # the buffers not). The incoming index is proven here, once, as at construction: the hot paths trust it.
         for name in (self.index_name, self.base_name):
             incoming, mine = state_dict.get(prefix + name), getattr(self, name)
             if incoming is not None and tuple(incoming.shape) != tuple(mine.shape):
@@ -377,6 +383,12 @@ class DeltaLinear(nn.Module):
                     f"{prefix or 'layer'}{name}: the state dict's shape {tuple(incoming.shape)} differs from this layer's "
                     f"{tuple(mine.shape)}: a different number of deltas is loaded with ftcore.load_adapter, not load_state_dict"
                 )
+        incoming_index = state_dict.get(prefix + self.index_name)
+        if incoming_index is not None and not engines.is_dtensor(incoming_index):
+            try:
+                self.check_index(incoming_index)
+            except (TypeError, IndexError, ValueError) as exc:
+                raise ValueError(f"{prefix or 'layer'}{self.index_name}: the state dict's {exc}") from exc
         self.restore_base()  # the weight holds W0 under the current delta
         has = {name: prefix + name in state_dict for name in ("base_layer.weight", self.index_name, self.base_name)}
         if has["base_layer.weight"] and has[self.base_name] and not has[self.index_name]:

@@ -19,11 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import distributed
+from .. import distributed, ops
 from ..ops import check_delta_indices
 from .base import DeltaLinear, delta_dtype_for, grad_matmul, index_dtype_for
-
-ops = torch.ops.ftcore
 
 
 class GradientProbe:
@@ -55,11 +53,12 @@ class GradientProbe:
             numel = grad_output.shape[-1] * input.shape[-1]
             excluded = 0 if self.exclude is None else self.exclude.numel()
             n = min(self.num_candidates, numel - excluded)
-            chosen, _ = ops.sparse_delta_topk(grad_output, input, n, self.exclude, 0)
+            chosen, _ = ops.sparse_delta_topk(grad_output, input, n, exclude=self.exclude)
             self.candidates = distributed.union_over_ranks(chosen).to(index_dtype_for(numel))
             n = self.candidates.numel()
             self.accumulated = torch.zeros(n, dtype=torch.float32, device=input.device)
-        self.accumulated += ops.sparse_delta_grad(grad_output, input, self.candidates).float()
+        # the candidates are the op's own sorted, in-range output (their union over ranks keeps both)
+        self.accumulated += ops.sparse_delta_grad(grad_output, input, self.candidates, checked=True).float()
         self.batches += 1
 
     def best(self, n: int) -> Tensor:
@@ -77,13 +76,14 @@ class GradientProbe:
 class _SparseDeltaLinearFunction(torch.autograd.Function):
     """y = x · (W0 + Δ)ᵀ + b. In merged mode `weight` already holds W0 + Δ; otherwise it holds W0 and the
     sparse product is added. Backward: dx by one GEMM (+ the sparse transpose product when unmerged),
-    dvalues by sparse_delta_grad. Saves x only when values need a gradient (or a probe watches)."""
+    dvalues by sparse_delta_grad. Saves x only when values need a gradient (or a probe watches). The layer's
+    indices were proven when it set them (SparseDeltaLinear.check_index), so the hot path passes checked=True."""
 
     @staticmethod
     def forward(ctx, x, values, weight, bias, indices, merged, probe):
         y = F.linear(x, weight, bias)
         if not merged:
-            y = y + ops.sparse_delta_linear(x, indices, values, weight.shape[0]).to(y.dtype)
+            y = y + ops.sparse_delta_linear(x, indices, values, weight.shape[0], checked=True).to(y.dtype)
         keep_x = values.requires_grad or probe is not None
         ctx.save_for_backward(x if keep_x else None, values, weight, indices)
         ctx.merged, ctx.probe, ctx.x_dtype = merged, probe, x.dtype
@@ -98,12 +98,12 @@ class _SparseDeltaLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = grad_matmul(g, weight)
             if not ctx.merged:
-                dx = dx + ops.sparse_delta_linear_transpose(g, indices, values, weight.shape[1]).to(dx.dtype)
+                dx = dx + ops.sparse_delta_linear_transpose(g, indices, values, weight.shape[1], checked=True).to(dx.dtype)
             dx = dx.to(ctx.x_dtype)
         if ctx.needs_input_grad[1] or ctx.probe is not None:
             xg = x if x.dtype == g.dtype else x.to(g.dtype)
             if ctx.needs_input_grad[1]:
-                dvalues = ops.sparse_delta_grad(g, xg, indices).to(values.dtype)
+                dvalues = ops.sparse_delta_grad(g, xg, indices, checked=True).to(values.dtype)
             if ctx.probe is not None:
                 ctx.probe.observe(g, xg)
         return dx, dvalues, None, None, None, None, None
@@ -151,7 +151,7 @@ class SparseDeltaLinear(DeltaLinear):
         """
         self.refuse_moving_when_sharded()
         weight = self._weight()
-        check_delta_indices(indices, weight.numel(), strict=True)
+        self.check_index(indices)
         indices = indices.to(device=weight.device, dtype=index_dtype_for(weight.numel()))
         if values is None:
             values = torch.zeros(indices.numel(), dtype=self.values.dtype, device=weight.device)
@@ -167,14 +167,20 @@ class SparseDeltaLinear(DeltaLinear):
             self.values.data = values.clone()
         self.values.grad = None
 
+    def check_index(self, indices: Tensor) -> None:
+        """Raises unless `indices` are valid positions of this weight (strictly increasing, in range): run when
+        the layer sets its indices and when a state dict brings new ones, so the hot paths below need not."""
+        check_delta_indices(indices, self.out_features * self.in_features, strict=True)
+
+    # The merged refresh and the gathers run on self.indices, proven when set (check_index): checked=True.
     def _write_merged(self) -> None:
-        ops.sparse_delta_scatter_(self._weight(), self.indices, self.values, 1.0, self.base_values)
+        ops.sparse_delta_scatter_(self._weight(), self.indices, self.values, 1.0, self.base_values, checked=True)
 
     def _write_base(self) -> None:
-        ops.sparse_delta_scatter_(self._weight(), self.indices, self.values, 0.0, self.base_values)
+        ops.sparse_delta_scatter_(self._weight(), self.indices, self.values, 0.0, self.base_values, checked=True)
 
     def _values_at(self, weight: Tensor, indices: Tensor) -> Tensor:
-        return ops.sparse_delta_gather(weight, indices)
+        return ops.sparse_delta_gather(weight, indices, checked=True)
 
     def _gather_base(self) -> None:
         self.base_values = self._values_at(self._weight(), self.indices)
@@ -190,7 +196,7 @@ class SparseDeltaLinear(DeltaLinear):
 
     def _subtract_merged_difference(self, y: Tensor, x: Tensor) -> Tensor:
         difference = self._values_at(self._weight(), self.indices).float() - self.base_values.float()
-        return y - ops.sparse_delta_linear(x, self.indices, difference, self.out_features).to(y.dtype)
+        return y - ops.sparse_delta_linear(x, self.indices, difference, self.out_features, checked=True).to(y.dtype)
 
     def _delta_forward(self, x: Tensor) -> Tensor:
         return _SparseDeltaLinearFunction.apply(

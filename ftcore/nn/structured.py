@@ -17,15 +17,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import check_delta_indices
+from .. import ops
 from .base import DeltaLinear, delta_dtype_for, grad_matmul, index_dtype_for
-
-ops = torch.ops.ftcore
 
 
 class _StructuredSparseLinearFunction(torch.autograd.Function):
     """y = x · (W0 + Δ)ᵀ + b with Δ a block at columns (or rows) `index` of W. Merged: `weight` already holds
     W0 + Δ. Saves the compact x[..., S] for a column block, x for a row block, and nothing of x when the block
-    is frozen (then only the input gradient is computed)."""
+    is frozen (then only the input gradient is computed). The layer's index was proven when it was set
+    (StructuredSparseLinear.check_index), so the hot path passes checked=True."""
 
     @staticmethod
     def forward(ctx, x, block, weight, bias, index, rows, merged, train_block):
@@ -35,7 +35,7 @@ class _StructuredSparseLinearFunction(torch.autograd.Function):
                 y = y.index_add(-1, index, F.linear(x, block.to(x.dtype)).to(y.dtype))
             kept = x if train_block else None
         else:
-            x_s = ops.gather_columns(x, index) if (train_block or not merged) else None
+            x_s = ops.gather_columns(x, index, checked=True) if (train_block or not merged) else None
             if not merged:
                 y = y + F.linear(x_s, block.to(x_s.dtype)).to(y.dtype)
             kept = x_s if train_block else None
@@ -53,13 +53,14 @@ class _StructuredSparseLinearFunction(torch.autograd.Function):
             if not ctx.merged:
                 blk = block.to(g.dtype)
                 if ctx.rows:
-                    dx = dx + ops.gather_columns(g, index).matmul(blk).to(dx.dtype)
+                    dx = dx + ops.gather_columns(g, index, checked=True).matmul(blk).to(dx.dtype)
                 else:
-                    dx = dx + ops.scatter_columns(g.matmul(blk), index, ctx.in_features).to(dx.dtype)
+                    dx = dx + ops.scatter_columns(g.matmul(blk), index, ctx.in_features, checked=True).to(dx.dtype)
             dx = dx.to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             x = kept if kept.dtype == g.dtype else kept.to(g.dtype)
-            d_block = (ops.structured_block_grad(g, x, index, None) if ctx.rows else ops.structured_block_grad(g, x)).to(block.dtype)
+            rows = index if ctx.rows else None
+            d_block = ops.structured_block_grad(g, x, rows, None, checked=True).to(block.dtype)
         return dx, d_block, None, None, None, None, None, None
 
 
@@ -107,8 +108,8 @@ class StructuredSparseLinear(DeltaLinear):
         old block and is the caller's to reset. The gradient of the old block is dropped."""
         self.refuse_moving_when_sharded()
         weight = self._weight()
+        self.check_index(index)
         limit = self.out_features if self.rows else self.in_features
-        check_delta_indices(index, limit, name="index", strict=True)
         index = index.to(device=weight.device, dtype=index_dtype_for(limit))
         shape = self.block_shape(index.numel())
         if block is None:
@@ -125,14 +126,21 @@ class StructuredSparseLinear(DeltaLinear):
             self.block.data = block.clone()
         self.block.grad = None
 
+    def check_index(self, index: Tensor) -> None:
+        """Raises unless `index` is a valid block index of this weight (strictly increasing rows or columns, in
+        range): run when the layer sets its index and when a state dict brings a new one, so the hot paths below
+        need not."""
+        check_delta_indices(index, self.out_features if self.rows else self.in_features, name="index", strict=True)
+
+    # The merged refresh and the gathers run on self.index, proven when set (check_index): checked=True.
     def _write_merged(self) -> None:
-        ops.structured_block_scatter_(self._weight(), self.index, self.block, 1.0, self.base_block, self.rows)
+        ops.structured_block_scatter_(self._weight(), self.index, self.block, 1.0, self.base_block, rows=self.rows, checked=True)
 
     def _write_base(self) -> None:
-        ops.structured_block_scatter_(self._weight(), self.index, self.block, 0.0, self.base_block, self.rows)
+        ops.structured_block_scatter_(self._weight(), self.index, self.block, 0.0, self.base_block, rows=self.rows, checked=True)
 
     def _values_at(self, weight: Tensor, index: Tensor) -> Tensor:
-        return ops.structured_block_gather(weight, index, self.rows)
+        return ops.structured_block_gather(weight, index, rows=self.rows, checked=True)
 
     def _gather_base(self) -> None:
         self.base_block = self._values_at(self._weight(), self.index)
@@ -141,7 +149,7 @@ class StructuredSparseLinear(DeltaLinear):
         difference = self._values_at(self._weight(), self.index).float() - self.base_block.float()
         if self.rows:
             return y.index_add(-1, self.index, F.linear(x.float(), difference).to(y.dtype), alpha=-1)
-        return y - F.linear(ops.gather_columns(x, self.index).float(), difference).to(y.dtype)
+        return y - F.linear(ops.gather_columns(x, self.index, checked=True).float(), difference).to(y.dtype)
 
     def _delta_forward(self, x: Tensor) -> Tensor:
         # Under no_grad (evaluation, generation) nothing is kept, so the compact slice is not even gathered.

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .. import distributed, engines
+from .. import distributed, engines, ops
 from ..nn.base import DeltaLinear, logical_weight
 from ..nn.structured import StructuredSparseLinear
 from .sparse_delta import run_calibration
@@ -229,7 +229,7 @@ class _CalibrationStats:
             norms = []
             for g0 in range(0, groups, step):
                 cols = torch.arange(g0 * width, min(groups, g0 + step) * width, device=x.device)
-                block = torch.ops.ftcore.structured_block_grad(g.to(x.dtype), x, None, cols)
+                block = ops.structured_block_grad(g.to(x.dtype), x, None, cols, checked=True)  # an arange: in range
                 distributed.all_reduce_sum_(block)  # the whole batch's gradient, before its norm
                 norms.append(block.pow(2).sum(0).view(-1, width).sum(1))
             self._add(key, torch.cat(norms))

@@ -38,4 +38,22 @@ inline void check_min_dim(const at::Tensor& t, int64_t dim, const char* op, cons
   TORCH_CHECK_VALUE(t.dim() >= dim, op, ": ", name, " must have at least ", dim, " dims, got shape ", t.sizes());
 }
 
+// The CPU kernels' memory guard, the counterpart of the CUDA kernels' device-side assert. Index values are
+// validated, with the offending entry named, where they are set (ftcore/_validate.py: the public wrappers, the
+// modules at construction and load), so no kernel re-validates them on every call; each kernel only tests the
+// indices it reads, inside the pass that reads them, and raises through this instead of touching memory out of
+// bounds. An in-place op may have written the entries before the bad one, as on CUDA.
+[[noreturn]] inline void fail_index_guard(const char* op, const char* name, const char* expected) {
+  TORCH_CHECK_INDEX(false, op, ": ", name, " holds an entry that is not ", expected,
+                    "; validate indices with ftcore.ops.check_delta_indices (the ftcore.ops wrappers do)");
+}
+
+// Guard of a small index (a block's rows or columns, k at most a weight dim): every entry in [0, limit).
+template <typename index_t>
+void guard_in_range(const index_t* p, int64_t k, int64_t limit, const char* op, const char* name) {
+  bool ok = true;
+  for (int64_t t = 0; t < k; ++t) ok &= p[t] >= 0 && static_cast<int64_t>(p[t]) < limit;
+  if (!ok) fail_index_guard(op, name, "in range");
+}
+
 }  // namespace ftcore

@@ -14,12 +14,12 @@
 
 namespace ftcore {
 
-// Checks dtype/rank/device of an index tensor against a tensor on the op's device. Values are checked by
-// check_index_values (CPU) or by the kernels themselves (CUDA, device-side assert: no host synchronisation).
+// Checks dtype/rank/device of an index tensor against a tensor on the op's device, on every call. Index values
+// (range, order) are validated once, with a message naming the entry, by ftcore's one entry point
+// (ftcore/_validate.py) when they are set: in the public wrappers, and in the modules at construction and load.
+// The kernels only guard memory: an index out of range or out of order that reaches them raises (CPU, inside the
+// pass that reads it) or trips a device-side assert (CUDA) and is never dereferenced.
 void check_indices(const at::Tensor& indices, const at::Tensor& like, const char* op, const char* name = "indices");
-
-// On the CPU: every index in [0, numel) and non-decreasing. A no-op for tensors on other devices.
-void check_index_values(const at::Tensor& indices, int64_t numel, const char* op, const char* name = "indices");
 
 // grad_output (..., out) and input (..., in): floating, one dtype and device, the same leading (token) dims.
 void check_activation_pair(const at::Tensor& grad_output, const at::Tensor& input, const char* op);

@@ -12,9 +12,9 @@
 
 namespace ftcore {
 
-// An index of a block: 1-D int32/int64 on `like`'s device; on the CPU also strictly increasing within [0, limit).
-void check_block_index(const at::Tensor& index, const at::Tensor& like, int64_t limit, const char* op,
-                       const char* name = "index");
+// An index of a block: 1-D int32/int64 on `like`'s device. Its values (strictly increasing within [0, limit))
+// are validated where they are set (ftcore/_validate.py); the kernels guard memory only, as sparse_delta.h says.
+void check_block_index(const at::Tensor& index, const at::Tensor& like, const char* op, const char* name = "index");
 
 // gather_columns: floating input (..., in), columns a block index of [0, in).
 void check_gather_columns_args(const at::Tensor& input, const at::Tensor& columns);
