@@ -40,6 +40,7 @@ class Op:
     kernels: Dict[str, str]  # dispatch key ("CPU", "CUDA") -> the source file that registers the kernel
     gradient: Optional[str] = None  # EXACT, STRAIGHT_THROUGH or None
     autograd: Optional[Tuple[Callable, Callable]] = None  # (backward, setup_context)
+    grads: Tuple[str, ...] = ()  # the arguments the formula gives a gradient (the others get None)
 
     @property
     def qualname(self) -> str:
@@ -69,15 +70,15 @@ TABLE: Tuple[Op, ...] = (
     Op("sparse_delta_grad", "(Tensor grad_output, Tensor input, Tensor indices) -> Tensor",
        "dvalues[t] = Σ_n grad_output[n, row t] · input[n, col t], accumulated in fp32 (fp64 for float64): the "
        "weight gradient at the k delta positions only.",
-       reference.sparse_delta_grad, _fake.sparse_delta_grad, _SD, EXACT, (A.grad_backward, A.grad_setup)),
+       reference.sparse_delta_grad, _fake.sparse_delta_grad, _SD, EXACT, (A.grad_backward, A.grad_setup), ("grad_output", "input")),
     Op("sparse_delta_linear", "(Tensor input, Tensor indices, Tensor values, SymInt out_features) -> Tensor",
        "input · Δᵀ for Δ of shape out_features × input.size(-1): the unmerged forward.",
-       reference.sparse_delta_linear, _fake.sparse_delta_linear, _SD, EXACT, (A.linear_backward, A.linear_setup)),
+       reference.sparse_delta_linear, _fake.sparse_delta_linear, _SD, EXACT, (A.linear_backward, A.linear_setup), ("input", "values")),
     Op("sparse_delta_linear_transpose",
        "(Tensor grad_output, Tensor indices, Tensor values, SymInt in_features) -> Tensor",
        "grad_output · Δ for Δ of shape grad_output.size(-1) × in_features: the unmerged input gradient.",
        reference.sparse_delta_linear_transpose, _fake.sparse_delta_linear_transpose, _SD, EXACT,
-       (A.transpose_backward, A.transpose_setup)),
+       (A.transpose_backward, A.transpose_setup), ("grad_output", "values")),
     Op("sparse_delta_scatter_",
        "(Tensor(a!) weight, Tensor indices, Tensor values, float alpha, Tensor? base) -> ()",
        "weight.flat[i] = (base[t] if base else weight.flat[i]) + alpha · Σ values[t] over the t with indices[t] = i, "
@@ -86,7 +87,7 @@ TABLE: Tuple[Op, ...] = (
        reference.sparse_delta_scatter_, _fake.returns_nothing, _SD),
     Op("sparse_delta_gather", "(Tensor weight, Tensor indices) -> Tensor",
        "weight.flat[indices] of the 2-D logical out×in view.",
-       reference.sparse_delta_gather, _fake.sparse_delta_gather, _SD, EXACT, (A.gather_backward, A.gather_setup)),
+       reference.sparse_delta_gather, _fake.sparse_delta_gather, _SD, EXACT, (A.gather_backward, A.gather_setup), ("weight",)),
     Op("sparse_delta_topk",
        "(Tensor grad_output, Tensor input, int k, Tensor? exclude=None, int chunk_rows=0) -> (Tensor, Tensor)",
        "The k positions (sorted, int64) with the largest |grad_outputᵀ · input|, and those magnitudes (fp32), "
@@ -96,16 +97,16 @@ TABLE: Tuple[Op, ...] = (
     Op("gather_columns", "(Tensor input, Tensor columns) -> Tensor",
        "input[..., columns]: the compact slice a column block keeps for backward.",
        reference.gather_columns, _fake.gather_columns, _ST, EXACT,
-       (A.gather_columns_backward, A.gather_columns_setup)),
+       (A.gather_columns_backward, A.gather_columns_setup), ("input",)),
     Op("scatter_columns", "(Tensor values, Tensor columns, SymInt features) -> Tensor",
        "(..., features) zeros with values[..., j] at columns[j]: the adjoint of gather_columns.",
        reference.scatter_columns, _fake.scatter_columns, _ST, EXACT,
-       (A.scatter_columns_backward, A.scatter_columns_setup)),
+       (A.scatter_columns_backward, A.scatter_columns_setup), ("values",)),
     Op("structured_block_grad", "(Tensor grad_output, Tensor input, Tensor? rows=None, Tensor? columns=None) -> Tensor",
        "grad_output[..., rows]ᵀ · input[..., columns] over the tokens (either index optional), in fp32 (fp64 for "
        "float64): a block's weight gradient.",
        reference.structured_block_grad, _fake.structured_block_grad, _kernels("composite/structured.cpp"), EXACT,
-       (A.block_grad_backward, A.block_grad_setup)),
+       (A.block_grad_backward, A.block_grad_setup), ("grad_output", "input")),
     Op("structured_block_scatter_",
        "(Tensor(a!) weight, Tensor index, Tensor block, float alpha, Tensor? base, bool rows) -> ()",
        "weight[block] = (base if given else weight[block]) + alpha · block, in fp32, rounded once; alpha = 0 leaves "
@@ -114,7 +115,7 @@ TABLE: Tuple[Op, ...] = (
     Op("structured_block_gather", "(Tensor weight, Tensor index, bool rows) -> Tensor",
        "weight[:, index] (columns) or weight[index, :] (rows), in weight's dtype.",
        reference.structured_block_gather, _fake.structured_block_gather, _ST, EXACT,
-       (A.block_gather_backward, A.block_gather_setup)),
+       (A.block_gather_backward, A.block_gather_setup), ("weight",)),
     Op("multi_adapter_linear",
        "(Tensor input, Tensor weight, Tensor? bias, Tensor adapter_ids, Tensor index, Tensor offsets, "
        "Tensor blocks, bool rows) -> Tensor",
@@ -125,14 +126,14 @@ TABLE: Tuple[Op, ...] = (
     Op("hadamard_transform",
        "(Tensor input, Tensor? hadamard_k, Tensor? signs, float scale, bool transpose) -> Tensor",
        "y = scale · H · diag(signs) · x along the last dim (transpose: scale · diag(signs) · Hᵀ · x), H = H_K ⊗ H_P.",
-       reference.hadamard_transform, _fake.hadamard_transform, _Q, EXACT, (A.hadamard_backward, A.hadamard_setup)),
+       reference.hadamard_transform, _fake.hadamard_transform, _Q, EXACT, (A.hadamard_backward, A.hadamard_setup), ("input",)),
     Op("fake_quantize",
        "(Tensor input, Tensor? scale, int bits, bool symmetric, int group_size, float clip_ratio) -> "
        "(Tensor, Tensor, Tensor)",
        "(x̂, scale, zero_point): fake quantization by groups of the last dim (group_size -1 whole tensor, 0 per row); "
        "a given scale (learnable, symmetric) is used as is.",
        reference.fake_quantize, _fake.fake_quantize, _Q, STRAIGHT_THROUGH,
-       (A.fake_quantize_backward, A.fake_quantize_setup)),
+       (A.fake_quantize_backward, A.fake_quantize_setup), ("input", "scale")),
     Op("fake_quantize_backward",
        "(Tensor grad, Tensor input, Tensor scale, Tensor zero_point, int bits, bool symmetric, int group_size, "
        "bool scale_grad) -> (Tensor, Tensor)",
@@ -145,7 +146,7 @@ TABLE: Tuple[Op, ...] = (
        "rotated tensor never stored; mask holds the straight-through bits (uint8 (rows, ceil(n/8)), bit b of byte j "
        "for element 8j + b, 1 inside the range): all that backward needs of the forward.",
        reference.rotate_fake_quantize, _fake.rotate_fake_quantize, _Q, STRAIGHT_THROUGH,
-       (A.rotate_fake_quantize_backward, A.rotate_fake_quantize_setup)),
+       (A.rotate_fake_quantize_backward, A.rotate_fake_quantize_setup), ("input",)),
     Op("rotate_fake_quantize_backward",
        "(Tensor grad, Tensor mask, Tensor? hadamard_k, Tensor? signs, float scale) -> Tensor",
        "The input gradient of rotate_fake_quantize: the transposed rotation of the masked gradient, one pass.",

@@ -71,8 +71,9 @@ def sparse_delta_gather(weight: Tensor, indices: Tensor) -> Tensor:
 
 
 def sparse_delta_topk(
-    grad_output: Tensor, input: Tensor, k: int, exclude: Optional[Tensor] = None
+    grad_output: Tensor, input: Tensor, k: int, exclude: Optional[Tensor] = None, chunk_rows: int = 0
 ) -> Tuple[Tensor, Tensor]:
+    """The dense gradient's k largest magnitudes, whole (chunk_rows only bounds the kernel's memory)."""
     acc = _acc(input.dtype)
     scores = (_rows(grad_output).to(acc).t() @ _rows(input).to(acc)).abs().flatten().float()
     if exclude is not None:
