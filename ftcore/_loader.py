@@ -17,6 +17,12 @@ if _C.torch_version != torch.__version__:
         "Rebuild ftcore with `pip install --no-build-isolation --force-reinstall .` against this torch."
     )
 
+if not hasattr(_C, "bump_version_after_write"):  # built from sources older than the op table
+    raise ImportError(
+        "ftcore._C was built from older ftcore sources (it defines its own op schemas). Rebuild it with "
+        "`pip install --no-build-isolation --force-reinstall .` or `make build`."
+    )
+
 from . import _op_table  # noqa: E402  (after the checks above: a stale build must not reach the dispatcher)
 
 _op_table.register(_C)

@@ -6,7 +6,8 @@ The policy, the same on CPU and CUDA:
 - index values (range, order) are checked here: by every public wrapper call, and by the modules once, when they
   set their indices (construction, ``set_delta``/``set_block``, ``load_state_dict``). The modules' hot paths (the
   merged refresh, the unmerged products, the gradient in backward) pass ``checked=True`` to the wrappers and skip
-  it: their indices were proven when set and a module buffer changes only through those paths;
+  it: their indices were proven when set. (Writing into an index buffer by hand bypasses that proof; the kernels'
+  guard below still stops it from touching memory out of bounds);
 - the kernels themselves only guard memory (a raw ``torch.ops.ftcore`` call with a bad index raises on the CPU, or
   trips a device-side assert on CUDA, and never reads or writes out of bounds); they do not re-validate.
 """
@@ -31,10 +32,12 @@ def check_delta_indices(indices: Tensor, numel: int, *, name: str = "indices", s
     steps = indices[1:] - indices[:-1]
     out_of_order = (steps <= 0) if strict else (steps < 0)
     lo, hi = torch.aminmax(indices)
-    if bool((lo >= 0) & (hi < numel) & ~out_of_order.any()):  # the one sync of a valid index
+    # Compared in Python: numel may not fit the index dtype (int32 positions of a weight with 2^31+ entries).
+    lo, hi, disordered = torch.stack((lo.long(), hi.long(), out_of_order.any().long())).tolist()  # the one sync
+    if lo >= 0 and hi < numel and not disordered:
         return
-    outside = ((indices < 0) | (indices >= numel)).nonzero()
-    if outside.numel():
+    if lo < 0 or hi >= numel:
+        outside = ((indices.long() < 0) | (indices.long() >= numel)).nonzero()
         t = int(outside[0])
         raise IndexError(f"{name}[{t}] = {int(indices[t])} is out of range [0, {numel})")
     t = int(out_of_order.nonzero()[0])

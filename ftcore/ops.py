@@ -214,12 +214,28 @@ def multi_adapter_linear(
     product (-1: base model only). Adapter a's index is ``index[offsets[a]:offsets[a+1]]`` and its block the same
     slice of `blocks`, stacked along dim 1 (columns: out × Σk) or dim 0 (rows: Σk × in).
     """
-    if not checked and isinstance(offsets, Tensor) and isinstance(weight, Tensor) and weight.dim() == 2:
-        bounds = offsets.tolist()
-        for a, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-            if 0 <= lo <= hi <= index.numel():  # the op names offsets that are out of order
-                _check(index[lo:hi], weight.shape[0 if rows else 1], False, f"index of adapter {a}", strict=True)
+    if not checked and isinstance(weight, Tensor) and weight.dim() == 2:
+        _check_adapter_indices(index, offsets, weight.shape[0 if rows else 1])
     return torch.ops.ftcore.multi_adapter_linear.default(input, weight, bias, adapter_ids, index, offsets, blocks, rows)
+
+
+def _check_adapter_indices(index: Tensor, offsets: Tensor, limit: int) -> None:
+    """Each adapter's slice of `index` strictly increasing within [0, limit): one check of the whole index (two
+    host syncs, offsets and index), the per-adapter search only to name a failure. Malformed offsets and ids are
+    the op's to report."""
+    if not isinstance(index, Tensor) or not isinstance(offsets, Tensor) or index.dim() != 1 or index.numel() == 0:
+        return
+    bounds = offsets.tolist()
+    if not bounds or bounds[0] != 0 or bounds[-1] != index.numel() or any(b > c for b, c in zip(bounds, bounds[1:])):
+        return
+    idx = index.long()
+    rising = idx[1:] > idx[:-1]
+    starts = torch.tensor([b - 1 for b in bounds[1:-1] if 0 < b < index.numel()], dtype=torch.long, device=idx.device)
+    rising[starts] = True  # a new adapter's slice may start anywhere
+    if bool(((idx >= 0) & (idx < limit)).all() & rising.all()):
+        return
+    for a, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        check_delta_indices(index[lo:hi], limit, name=f"index of adapter {a}", strict=True)
 
 
 # ---- rotations and quantizers ----------------------------------------------------------------------------------

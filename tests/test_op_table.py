@@ -211,9 +211,17 @@ def test_kernels_guard_memory_when_validation_is_skipped():
         "block grad": lambda i: ops.structured_block_grad(g, x, None, i, checked=True),
     }
     for what, call in block_calls.items():
-        for bad in (torch.tensor([1, 5]), torch.tensor([-1, 2])):
-            with pytest.raises(IndexError, match="holds an entry that is not in range"):
+        for bad in (torch.tensor([1, 5]), torch.tensor([-1, 2]), torch.tensor([3, 3]), torch.tensor([3, 1])):
+            with pytest.raises(IndexError, match="holds an entry that is not strictly increasing and in range"):
                 call(bad)
+
+
+def test_int32_positions_of_a_weight_past_2_31_entries():
+    """The limit is compared in Python: it need not fit the index dtype."""
+    ops.check_delta_indices(torch.tensor([1, 5], dtype=torch.int32), 2**31 + 10, strict=True)
+    ops.check_delta_indices(torch.tensor([1, 2**31 - 1], dtype=torch.int32), 2**33)
+    with pytest.raises(IndexError, match=r"indices\[1\] = 9 is out of range \[0, 9\)"):
+        ops.check_delta_indices(torch.tensor([1, 9], dtype=torch.int32), 9)
 
 
 def test_wrappers_validate_on_every_device_the_same_way():

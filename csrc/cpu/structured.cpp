@@ -35,7 +35,7 @@ at::Tensor gather_columns_cpu(const at::Tensor& input, const at::Tensor& columns
     FTCORE_DISPATCH_INDEX(idx.scalar_type(), op, [&] {
       const scalar_t* src = x.data_ptr<scalar_t>();
       const index_t* col = idx.data_ptr<index_t>();
-      guard_in_range(col, k, x.size(1), op, "columns");
+      guard_block_index(col, k, x.size(1), op, "columns");
       scalar_t* dst = out.data_ptr<scalar_t>();
       at::parallel_for(0, x.size(0), row_grain(k), [&](int64_t n0, int64_t n1) {
         for (int64_t n = n0; n < n1; ++n)
@@ -60,7 +60,7 @@ at::Tensor scatter_columns_cpu(const at::Tensor& values, const at::Tensor& colum
     FTCORE_DISPATCH_INDEX(idx.scalar_type(), op, [&] {
       const scalar_t* src = v.data_ptr<scalar_t>();
       const index_t* col = idx.data_ptr<index_t>();
-      guard_in_range(col, k, features, op, "columns");
+      guard_block_index(col, k, features, op, "columns");
       scalar_t* dst = out.data_ptr<scalar_t>();
       at::parallel_for(0, v.size(0), row_grain(features), [&](int64_t n0, int64_t n1) {
         for (int64_t n = n0; n < n1; ++n)
@@ -77,7 +77,7 @@ namespace {
 template <typename index_t, typename F>
 void for_block(const at::Tensor& weight, const index_t* idx, int64_t k, bool rows, const char* op, F&& f) {
   const int64_t out = weight.size(0), in = weight.size(1), s0 = weight.stride(0), s1 = weight.stride(1);
-  guard_in_range(idx, k, rows ? out : in, op, "index");
+  guard_block_index(idx, k, rows ? out : in, op, "index");
   const int64_t block_rows = rows ? k : out, block_cols = rows ? in : k;
   at::parallel_for(0, block_rows, row_grain(block_cols), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {

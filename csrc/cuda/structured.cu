@@ -1,7 +1,7 @@
 // CUDA kernels of the structured-block ops (contract in include/ftcore/structured.h): data movement only, one
 // thread per element, consecutive threads on consecutive output elements (coalesced writes); the reads follow
 // the index. 64-bit offsets, current stream, device guard, a launch check after every launch; an index out of
-// range trips a device-side assert and is never dereferenced.
+// range or repeated trips a device-side assert and is never dereferenced.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -21,11 +21,13 @@ constexpr int kThreads = 256;
 
 inline int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
 
+// Entry t of a block index, or false (after a device-side assert) when it is out of range or not above entry t-1:
+// a repeat would make two threads write one element.
 template <typename index_t>
-__device__ __forceinline__ bool checked(index_t v, int64_t limit, int64_t& out) {
-  out = static_cast<int64_t>(v);
-  const bool ok = out >= 0 && out < limit;
-  CUDA_KERNEL_ASSERT(ok && "ftcore: structured-block index out of range");
+__device__ __forceinline__ bool checked(const index_t* idx, int64_t t, int64_t limit, int64_t& out) {
+  out = static_cast<int64_t>(idx[t]);
+  const bool ok = out >= 0 && out < limit && (t == 0 || static_cast<int64_t>(idx[t - 1]) < out);
+  CUDA_KERNEL_ASSERT(ok && "ftcore: structured-block index out of range or not strictly increasing");
   return ok;
 }
 
@@ -37,7 +39,7 @@ __global__ void gather_columns_kernel(const scalar_t* __restrict__ src, int64_t 
   if (e >= total) return;
   const int64_t n = e / k, j = e - n * k;
   int64_t c;
-  if (!checked(col[j], features, c)) return;
+  if (!checked(col, j, features, c)) return;
   dst[e] = src[n * rs + c * cs];
 }
 
@@ -49,7 +51,7 @@ __global__ void scatter_columns_kernel(const scalar_t* __restrict__ src, int64_t
   if (e >= total) return;
   const int64_t n = e / k, j = e - n * k;
   int64_t c;
-  if (!checked(col[j], features, c)) return;
+  if (!checked(col, j, features, c)) return;
   dst[n * features + c] = src[n * rs + j * cs];
 }
 
@@ -59,7 +61,7 @@ __device__ __forceinline__ int64_t block_offset(int64_t e, int64_t block_cols, c
                                                 int64_t out, int64_t in, int64_t s0, int64_t s1) {
   const int64_t r = e / block_cols, c = e - r * block_cols;
   int64_t w_row = r, w_col = c;
-  if (rows ? !checked(idx[r], out, w_row) : !checked(idx[c], in, w_col)) return -1;
+  if (rows ? !checked(idx, r, out, w_row) : !checked(idx, c, in, w_col)) return -1;
   return w_row * s0 + w_col * s1;
 }
 

@@ -384,7 +384,9 @@ class DeltaLinear(nn.Module):
                     f"{tuple(mine.shape)}: a different number of deltas is loaded with ftcore.load_adapter, not load_state_dict"
                 )
         incoming_index = state_dict.get(prefix + self.index_name)
-        if incoming_index is not None and not engines.is_dtensor(incoming_index):
+        if incoming_index is not None and engines.is_dtensor(incoming_index):
+            self._index_unproven = True  # a shard: proven in _after_load, once it is this layer's whole buffer
+        elif incoming_index is not None:
             try:
                 self.check_index(incoming_index)
             except (TypeError, IndexError, ValueError) as exc:
@@ -420,6 +422,8 @@ class DeltaLinear(nn.Module):
     @torch.no_grad()
     def _after_load(self, module, incompatible_keys) -> None:
         loaded_merge = self.__dict__.pop("_loaded_merge", False)
+        if self.__dict__.pop("_index_unproven", False):
+            self.check_index(getattr(self, self.index_name))  # before the writes below trust it
         if self._sharded_by() is not None:
             pass  # a sharded weight is never merged (see _prepare_weight): it holds W0, and its shards stay unread
         elif loaded_merge:

@@ -48,12 +48,14 @@ inline void check_min_dim(const at::Tensor& t, int64_t dim, const char* op, cons
                     "; validate indices with ftcore.ops.check_delta_indices (the ftcore.ops wrappers do)");
 }
 
-// Guard of a small index (a block's rows or columns, k at most a weight dim): every entry in [0, limit).
+// Guard of a block index (a block's rows or columns, k at most a weight dim): strictly increasing within
+// [0, limit). A repeat would be written twice (a race between threads, or the last write winning over a sum).
 template <typename index_t>
-void guard_in_range(const index_t* p, int64_t k, int64_t limit, const char* op, const char* name) {
+void guard_block_index(const index_t* p, int64_t k, int64_t limit, const char* op, const char* name) {
   bool ok = true;
-  for (int64_t t = 0; t < k; ++t) ok &= p[t] >= 0 && static_cast<int64_t>(p[t]) < limit;
-  if (!ok) fail_index_guard(op, name, "in range");
+  for (int64_t t = 0; t < k; ++t)
+    ok &= p[t] >= 0 && static_cast<int64_t>(p[t]) < limit && (t == 0 || p[t - 1] < p[t]);
+  if (!ok) fail_index_guard(op, name, "strictly increasing and in range");
 }
 
 }  // namespace ftcore

@@ -17,8 +17,9 @@ namespace ftcore {
 // Checks dtype/rank/device of an index tensor against a tensor on the op's device, on every call. Index values
 // (range, order) are validated once, with a message naming the entry, by ftcore's one entry point
 // (ftcore/_validate.py) when they are set: in the public wrappers, and in the modules at construction and load.
-// The kernels only guard memory: an index out of range or out of order that reaches them raises (CPU, inside the
-// pass that reads it) or trips a device-side assert (CUDA) and is never dereferenced.
+// The kernels only guard memory: an index they read that is out of range, or out of order where order decides
+// the memory touched (across rows, or runs of a repeated position in the scatter), raises (CPU, inside the pass
+// that reads it) or trips a device-side assert (CUDA); it is never dereferenced.
 void check_indices(const at::Tensor& indices, const at::Tensor& like, const char* op, const char* name = "indices");
 
 // grad_output (..., out) and input (..., in): floating, one dtype and device, the same leading (token) dims.
