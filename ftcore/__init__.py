@@ -25,6 +25,7 @@ from .api import (
     trainable_parameters,
     unmerge,
 )
+from .regularizers import l2_to_base
 from .nn import Int4Linear, RotatedQuantLinear, SparseDeltaLinear, StructuredSparseLinear
 from .tuners import (
     BackpropPlan,
@@ -46,6 +47,7 @@ __all__ = [
     "unmerge",
     "compose",
     "disable",
+    "l2_to_base",
     "SparseDeltaConfig",
     "SparseDeltaLinear",
     "StructuredSparseConfig",
