@@ -25,7 +25,7 @@ from .api import (
     trainable_parameters,
     unmerge,
 )
-from .regularizers import l2_to_base
+from .regularizers import DiagonalFisher, ewc_penalty, l2_to_base
 from .nn import Int4Linear, RotatedQuantLinear, SparseDeltaLinear, StructuredSparseLinear
 from .tuners import (
     BackpropPlan,
@@ -48,6 +48,8 @@ __all__ = [
     "compose",
     "disable",
     "l2_to_base",
+    "DiagonalFisher",
+    "ewc_penalty",
     "SparseDeltaConfig",
     "SparseDeltaLinear",
     "StructuredSparseConfig",

@@ -7,12 +7,19 @@ With ftcore's layers the weight is W0 + Δ and only Δ trains, so the distance t
   weight_decay=λ)``): decoupled decay multiplies Δ by (1 − lr·λ) each step, which moves W straight back toward
   W0, not toward zero as decay on a full fine-tune's weight does. Nothing else is needed with AdamW.
 - **l2_to_base**: the same pull as a loss term, for optimizers without decoupled decay (SGD, Adam, Adafactor).
+
+EWC weights the pull by each entry's importance to earlier data: ``DiagonalFisher.estimate`` then
+``ewc_penalty``.
 """
 
+from typing import Callable, Dict, Iterable, Tuple
+
+import torch
 from torch import Tensor, nn
 
 from . import engines
 from .api import _layers_or_raise
+from .nn.base import DeltaLinear
 
 
 def l2_to_base(model: nn.Module, strength: float = 1.0) -> Tensor:
@@ -28,14 +35,117 @@ def l2_to_base(model: nn.Module, strength: float = 1.0) -> Tensor:
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or strength < 0:
         raise ValueError(f"strength must be a number >= 0, got {strength!r}")
     total = None
-    for name, layer in _layers_or_raise(model).items():
-        delta = layer.delta
-        engine = engines.sharding_of(delta)
-        if engine is not None:
-            raise ValueError(
-                f"l2_to_base: {name}'s delta is sharded by {engine}; use AdamW's weight_decay on the delta "
-                "parameters instead (the same pull toward the base, applied in the update)"
-            )
-        term = delta.float().pow(2).sum()
+    for layer in _unsharded_layers(model, "l2_to_base").values():
+        term = layer.delta.float().pow(2).sum()
         total = term if total is None else total + term
     return total * float(strength)
+
+
+class DiagonalFisher:
+    """EWC's importance of each delta entry: the diagonal empirical Fisher at the delta positions only, i.e. the
+    mean over examples of the squared per-example gradient (not the square of a batch gradient), with the labels
+    taken from the data. O(k) memory a layer: one value per delta entry.
+
+    ``fisher[name]`` is (positions, values): the layer's index when estimated, and the Fisher values in the delta's
+    shape. A sparse layer whose positions have moved since (SpIEL regrowth) keeps the values of the positions it
+    kept and gives new ones zero (no estimate yet; re-estimate to count them); a structured layer whose block moved
+    is refused."""
+
+    def __init__(self, values: Dict[str, Tuple[Tensor, Tensor]], examples: int):
+        self.values, self.examples = values, examples
+
+    @classmethod
+    @torch.no_grad()
+    def estimate(cls, model: nn.Module, batches: Iterable, per_example_loss: Callable[[nn.Module, object], Tensor]):
+        """Runs `per_example_loss(model, batch)` (a (B,) tensor: each example's loss, e.g. its mean token NLL) on
+        every batch with gradients on, and accumulates each example's squared gradient at every ftcore layer's
+        delta. The model's parameters' ``.grad`` are left as they were."""
+        layers = _unsharded_layers(model, "DiagonalFisher.estimate")
+        sums = {name: torch.zeros_like(layer.delta, dtype=torch.float32) for name, layer in layers.items()}
+        examples = 0
+        inputs, handles = {}, []
+
+        def watch(name, layer):
+            def on_forward(module, args, output):
+                if name in inputs:
+                    raise ValueError(f"DiagonalFisher.estimate: {name} ran twice in one forward (a shared layer)")
+                inputs[name] = args[0].detach()
+
+                def on_grad(grad_output, name=name, layer=layer):
+                    x = inputs.pop(name)
+                    for i in range(grad_output.shape[0]):  # per example: O(k) each, never a dense gradient
+                        sums[name] += layer.delta_grad(grad_output[i], x[i]).pow(2)
+
+                if output.requires_grad:
+                    output.register_hook(on_grad)
+
+            return layer.register_forward_hook(on_forward)
+
+        handles = [watch(name, layer) for name, layer in layers.items()]
+        params = [p for p in model.parameters() if p.requires_grad]
+        saved_grads = [p.grad for p in params]
+        try:
+            for batch in batches:
+                with torch.enable_grad():
+                    losses = per_example_loss(model, batch)
+                    if losses.dim() != 1:
+                        raise ValueError(f"per_example_loss must return one loss per example (B,), got {tuple(losses.shape)}")
+                    for p in params:
+                        p.grad = None
+                    # The examples are independent, so the gradient of the sum reaching layer outputs holds, in
+                    # row i, example i's own gradient.
+                    losses.sum().backward()
+                examples += losses.shape[0]
+        finally:
+            for h in handles:
+                h.remove()
+            for p, g in zip(params, saved_grads):
+                p.grad = g
+        if examples == 0:
+            raise ValueError("DiagonalFisher.estimate saw no examples")
+        values = {name: (_index_of(layers[name]).clone(), s / examples) for name, s in sums.items()}
+        return cls(values, examples)
+
+    def aligned(self, name: str, layer: DeltaLinear) -> Tensor:
+        """The Fisher values for the layer's current delta entries."""
+        positions, values = self.values[name]
+        current = _index_of(layer)
+        if torch.equal(current.to(positions.device), positions):
+            return values
+        if hasattr(layer, "values"):  # sparse: kept positions keep their estimate, new ones get zero
+            where = torch.searchsorted(positions.long(), current.long().to(positions.device)).clamp_max(positions.numel() - 1)
+            kept = positions.long()[where] == current.long().to(positions.device)
+            return torch.where(kept, values[where], torch.zeros_like(values[where]))
+        raise ValueError(f"{name}: the block moved since the Fisher was estimated; estimate it again")
+
+
+def ewc_penalty(model: nn.Module, fisher: DiagonalFisher, strength: float = 1.0) -> Tensor:
+    """``strength · Σ F · Δ²`` over the model's ftcore layers: EWC's pull toward the base, weighted by how much
+    each entry mattered to the data the Fisher was estimated on. Add it to the loss; gradient accumulation as for
+    l2_to_base."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or strength < 0:
+        raise ValueError(f"strength must be a number >= 0, got {strength!r}")
+    total = None
+    for name, layer in _unsharded_layers(model, "ewc_penalty").items():
+        if name not in fisher.values:
+            raise ValueError(f"ewc_penalty: the Fisher has no estimate for layer {name}")
+        f = fisher.aligned(name, layer).to(layer.delta.device)
+        term = (f * layer.delta.float().pow(2)).sum()
+        total = term if total is None else total + term
+    return total * float(strength)
+
+
+def _index_of(layer: DeltaLinear) -> Tensor:
+    return getattr(layer, layer.index_name)
+
+
+def _unsharded_layers(model: nn.Module, what: str) -> Dict[str, DeltaLinear]:
+    layers = _layers_or_raise(model)
+    for name, layer in layers.items():
+        engine = engines.sharding_of(layer.delta)
+        if engine is not None:
+            raise ValueError(
+                f"{what}: {name}'s delta is sharded by {engine}; use AdamW's weight_decay on the delta "
+                "parameters instead (the same pull toward the base, applied in the update)"
+            )
+    return layers

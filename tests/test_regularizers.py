@@ -69,3 +69,55 @@ def test_l2_to_base_refuses_a_sharded_delta():
     model[0].values.__dict__["ds_id"] = 7  # how DeepSpeed ZeRO-3 marks a partitioned Parameter
     with pytest.raises(ValueError, match="sharded by DeepSpeed ZeRO-3; use AdamW's weight_decay"):
         ftcore.l2_to_base(model)
+
+
+def _per_example_mse(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean(dim=tuple(range(1, y.dim())))
+
+
+@pytest.mark.parametrize("kind", ["sparse", "structured"])
+@pytest.mark.parametrize("tokens", [False, True])
+def test_fisher_is_the_mean_of_per_example_squared_gradients_at_the_delta(kind, tokens):
+    model, _ = _model(kind)
+    torch.manual_seed(1)
+    shape = (5, 3) if tokens else (5,)
+    batches = [(torch.randn(*shape, 8), torch.randn(*shape, 6)) for _ in range(2)]
+    for p in ftcore.trainable_parameters(model):
+        p.grad = torch.full_like(p, 7.0)  # left as it was
+    fisher = ftcore.DiagonalFisher.estimate(model, batches, _per_example_mse)
+    assert fisher.examples == 10
+    for p in ftcore.trainable_parameters(model):
+        assert torch.equal(p.grad, torch.full_like(p, 7.0))
+    # Reference: each example alone, its gradient with respect to the delta, squared, averaged.
+    layers = {"0": model[0], "2": model[2]}
+    want = {name: torch.zeros_like(layer.delta) for name, layer in layers.items()}
+    for x, y in batches:
+        for i in range(x.shape[0]):
+            grads = torch.autograd.grad(_per_example_mse(model, (x[i : i + 1], y[i : i + 1])).sum(),
+                                        [layer.delta for layer in layers.values()])
+            for name, g in zip(layers, grads):
+                want[name] += g.pow(2)
+    for name, layer in layers.items():
+        positions, values = fisher.values[name]
+        assert torch.equal(positions, getattr(layer, layer.index_name))
+        torch.testing.assert_close(values, want[name] / 10, rtol=1e-4, atol=1e-7)
+
+
+def test_ewc_penalty_and_moved_positions():
+    model, _ = _model("sparse")
+    batches = [(torch.randn(4, 8), torch.randn(4, 6))]
+    fisher = ftcore.DiagonalFisher.estimate(model, batches, _per_example_mse)
+    penalty = ftcore.ewc_penalty(model, fisher, strength=2.0)
+    want = sum((fisher.values[n][1] * m.values.detach() ** 2).sum() for n, m in (("0", model[0]), ("2", model[2])))
+    torch.testing.assert_close(penalty, 2.0 * want)
+    penalty.backward()
+    torch.testing.assert_close(model[0].values.grad, 2.0 * 2 * fisher.values["0"][1] * model[0].values.detach())
+    # Regrowth moved two positions of layer 0: the kept one keeps its estimate, the new ones get zero.
+    old = model[0].indices.clone()
+    free = [i for i in range(model[0].weight.numel()) if i not in old.tolist()][:2]
+    moved = torch.sort(torch.cat([old[:1], torch.tensor(free, dtype=old.dtype)])).values
+    model[0].set_delta(moved, torch.ones(3))
+    aligned = fisher.aligned("0", model[0])
+    expect = torch.tensor([fisher.values["0"][1][0] if int(p) == int(old[0]) else 0.0 for p in moved])
+    torch.testing.assert_close(aligned, expect)

@@ -208,6 +208,10 @@ class DeltaLinear(nn.Module):
         """The trainable Parameter."""
         raise NotImplementedError
 
+    def delta_grad(self, grad_output: Tensor, input: Tensor) -> Tensor:
+        """The gradient of the delta for one (grad_output, input) pair of this layer, delta-shaped, fp32."""
+        raise NotImplementedError
+
     def check_index(self, index: Tensor) -> None:
         """Raises unless `index` holds valid delta positions of this weight. Runs where the positions are set (the
         constructor, set_delta/set_block, load_state_dict); the hot paths then skip the value checks."""

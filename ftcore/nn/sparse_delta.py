@@ -172,6 +172,10 @@ class SparseDeltaLinear(DeltaLinear):
         the layer sets its indices and when a state dict brings new ones, so the hot paths below need not."""
         check_delta_indices(indices, self.out_features * self.in_features, strict=True)
 
+    def delta_grad(self, grad_output: Tensor, input: Tensor) -> Tensor:
+        """The gradient of the delta (values-shaped, fp32) for this grad_output and input, as backward forms it."""
+        return ops.sparse_delta_grad(grad_output, input.to(grad_output.dtype), self.indices, checked=True).float()
+
     # The merged refresh and the gathers run on self.indices, proven when set (check_index): checked=True.
     def _write_merged(self) -> None:
         ops.sparse_delta_scatter_(self._weight(), self.indices, self.values, 1.0, self.base_values, checked=True)

@@ -132,6 +132,11 @@ class StructuredSparseLinear(DeltaLinear):
         need not."""
         check_delta_indices(index, self.out_features if self.rows else self.in_features, name="index", strict=True)
 
+    def delta_grad(self, grad_output: Tensor, input: Tensor) -> Tensor:
+        """The gradient of the block (block-shaped, fp32) for this grad_output and input, as backward forms it."""
+        rows, columns = (self.index, None) if self.rows else (None, self.index)
+        return ops.structured_block_grad(grad_output, input.to(grad_output.dtype), rows, columns, checked=True).float()
+
     # The merged refresh and the gathers run on self.index, proven when set (check_index): checked=True.
     def _write_merged(self) -> None:
         ops.structured_block_scatter_(self._weight(), self.index, self.block, 1.0, self.base_block, rows=self.rows, checked=True)
