@@ -55,52 +55,67 @@ class DiagonalFisher:
         self.values, self.examples = values, examples
 
     @classmethod
-    @torch.no_grad()
     def estimate(cls, model: nn.Module, batches: Iterable, per_example_loss: Callable[[nn.Module, object], Tensor]):
         """Runs `per_example_loss(model, batch)` (a (B,) tensor: each example's loss, e.g. its mean token NLL) on
         every batch with gradients on, and accumulates each example's squared gradient at every ftcore layer's
-        delta. The model's parameters' ``.grad`` are left as they were."""
+        delta. Every ftcore layer must see the batch on dim 0 (B rows, example i in row i; checked), each layer
+        runs at most once a forward, and gradient checkpointing must be off (both refused). Parameters' ``.grad``
+        are not touched: only the layers' outputs are differentiated.
+
+        EWC anchors at the weights the Fisher was estimated at; ewc_penalty anchors at W0, so estimate it right
+        after ``apply``, while Δ = 0."""
         layers = _unsharded_layers(model, "DiagonalFisher.estimate")
+        if getattr(model, "is_gradient_checkpointing", False):
+            raise ValueError("DiagonalFisher.estimate: turn gradient checkpointing off while estimating (its "
+                             "recomputed forwards would be counted again)")
         sums = {name: torch.zeros_like(layer.delta, dtype=torch.float32) for name, layer in layers.items()}
         examples = 0
-        inputs, handles = {}, []
+        seen: Dict[str, Tuple[Tensor, Tensor]] = {}  # this batch: layer -> (its input, its output)
 
         def watch(name, layer):
-            def on_forward(module, args, output):
-                if name in inputs:
+            def on_forward(module, args, kwargs, output):
+                if name in seen:
                     raise ValueError(f"DiagonalFisher.estimate: {name} ran twice in one forward (a shared layer)")
-                inputs[name] = args[0].detach()
+                if layer.delta.requires_grad and not output.requires_grad:
+                    raise ValueError(f"DiagonalFisher.estimate: {name} ran without autograd (a no_grad pass?); "
+                                     "its gradient is what the Fisher is made of")
+                x = args[0] if args else next(iter(kwargs.values()))
+                seen[name] = (x.detach(), output)
 
-                def on_grad(grad_output, name=name, layer=layer):
-                    x = inputs.pop(name)
-                    for i in range(grad_output.shape[0]):  # per example: O(k) each, never a dense gradient
-                        sums[name] += layer.delta_grad(grad_output[i], x[i]).pow(2)
-
-                if output.requires_grad:
-                    output.register_hook(on_grad)
-
-            return layer.register_forward_hook(on_forward)
+            return layer.register_forward_hook(on_forward, with_kwargs=True)
 
         handles = [watch(name, layer) for name, layer in layers.items()]
-        params = [p for p in model.parameters() if p.requires_grad]
-        saved_grads = [p.grad for p in params]
         try:
             for batch in batches:
+                seen.clear()
                 with torch.enable_grad():
                     losses = per_example_loss(model, batch)
-                    if losses.dim() != 1:
-                        raise ValueError(f"per_example_loss must return one loss per example (B,), got {tuple(losses.shape)}")
-                    for p in params:
-                        p.grad = None
-                    # The examples are independent, so the gradient of the sum reaching layer outputs holds, in
-                    # row i, example i's own gradient.
-                    losses.sum().backward()
-                examples += losses.shape[0]
+                if losses.dim() != 1:
+                    raise ValueError(f"per_example_loss must return one loss per example (B,), got {tuple(losses.shape)}")
+                b = losses.shape[0]
+                names = [n for n, (_, out) in seen.items() if out.requires_grad]
+                for name in names:
+                    if seen[name][0].shape[0] != b or seen[name][1].shape[0] != b:
+                        raise ValueError(
+                            f"DiagonalFisher.estimate: {name} sees {seen[name][0].shape[0]} rows on dim 0 for {b} "
+                            "examples; every ftcore layer must see the batch on dim 0 (example i in row i)"
+                        )
+                # The examples are independent, so the gradient of the sum at a layer's output holds, in row i,
+                # example i's own gradient. A layer the loss does not reach gets none (it contributes zero).
+                grads = torch.autograd.grad(losses.sum(), [seen[n][1] for n in names], allow_unused=True)
+                with torch.no_grad():
+                    for name, g in zip(names, grads):
+                        if g is None:
+                            continue
+                        x, layer = seen[name][0], layers[name]
+                        for i in range(b):  # per example: O(k) each, never a dense gradient
+                            sums[name] += layer.delta_grad(g[i], x[i]).pow(2)
+                examples += b
+                seen.clear()
         finally:
             for h in handles:
                 h.remove()
-            for p, g in zip(params, saved_grads):
-                p.grad = g
+            seen.clear()
         if examples == 0:
             raise ValueError("DiagonalFisher.estimate saw no examples")
         values = {name: (_index_of(layers[name]).clone(), s / examples) for name, s in sums.items()}
@@ -113,6 +128,8 @@ class DiagonalFisher:
         if torch.equal(current.to(positions.device), positions):
             return values
         if hasattr(layer, "values"):  # sparse: kept positions keep their estimate, new ones get zero
+            if positions.numel() == 0:
+                return torch.zeros(current.numel(), dtype=values.dtype, device=values.device)
             where = torch.searchsorted(positions.long(), current.long().to(positions.device)).clamp_max(positions.numel() - 1)
             kept = positions.long()[where] == current.long().to(positions.device)
             return torch.where(kept, values[where], torch.zeros_like(values[where]))

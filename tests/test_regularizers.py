@@ -121,3 +121,29 @@ def test_ewc_penalty_and_moved_positions():
     aligned = fisher.aligned("0", model[0])
     expect = torch.tensor([fisher.values["0"][1][0] if int(p) == int(old[0]) else 0.0 for p in moved])
     torch.testing.assert_close(aligned, expect)
+
+
+def test_fisher_refuses_what_it_cannot_count_right():
+    model, _ = _model("sparse")
+    x, y = torch.randn(4, 3, 8), torch.randn(4, 3, 6)
+    flattened = lambda m, b: ((m(b[0].reshape(-1, 8)) - b[1].reshape(-1, 6)) ** 2).view(4, -1).mean(1)
+    with pytest.raises(ValueError, match="must see the batch on dim 0"):
+        ftcore.DiagonalFisher.estimate(model, [(x, y)], flattened)
+    twice = lambda m, b: _per_example_mse(m, b) + _per_example_mse(m, b)
+    with pytest.raises(ValueError, match="ran twice in one forward"):
+        ftcore.DiagonalFisher.estimate(model, [(x, y)], twice)
+
+    def with_a_reference_pass(m, b):
+        with torch.no_grad():
+            m(b[0])
+        return _per_example_mse(m, b)
+
+    with pytest.raises(ValueError, match="ran without autograd"):
+        ftcore.DiagonalFisher.estimate(model, [(x, y)], with_a_reference_pass)
+    with pytest.raises(ValueError, match="one loss per example"):
+        ftcore.DiagonalFisher.estimate(model, [(x, y)], lambda m, b: _per_example_mse(m, b).mean())
+    model.is_gradient_checkpointing = True
+    with pytest.raises(ValueError, match="gradient checkpointing off"):
+        ftcore.DiagonalFisher.estimate(model, [(x, y)], _per_example_mse)
+    for layer in (model[0], model[2]):
+        assert not layer._forward_hooks  # removed on every refusal
