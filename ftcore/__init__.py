@@ -26,6 +26,7 @@ from .api import (
     unmerge,
 )
 from .regularizers import DiagonalFisher, ewc_penalty, l2_to_base
+from .losses import causal_lm_loss
 from .nn import Int4Linear, RotatedQuantLinear, SparseDeltaLinear, StructuredSparseLinear
 from .tuners import (
     BackpropPlan,
@@ -50,6 +51,8 @@ __all__ = [
     "l2_to_base",
     "DiagonalFisher",
     "ewc_penalty",
+    "causal_lm_loss",
+    "FusedLossTrainer",
     "SparseDeltaConfig",
     "SparseDeltaLinear",
     "StructuredSparseConfig",
@@ -77,4 +80,8 @@ def __getattr__(name):
         from . import tuners
 
         return getattr(tuners, name)
+    if name == "FusedLossTrainer":  # imports transformers' Trainer on first use
+        from . import losses
+
+        return losses.FusedLossTrainer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -180,3 +180,27 @@ def rotate_fake_quantize_backward(ctx, dy, _d_scale, _d_zero, _d_mask):
     mask, hadamard_k, signs = ctx.saved_tensors
     d_input = ops.rotate_fake_quantize_backward(dy, mask, hadamard_k, signs, ctx.scale)
     return d_input, None, None, None, None, None, None, None
+
+
+# (loss, nll, d_hidden, d_weight) = linear_cross_entropy(...): the gradients are computed in the forward (the
+# logits never exist whole, so there is nothing to recompute them from), and backward scales them by the loss's
+# incoming gradient. The per-token nll and the gradients themselves are not differentiable outputs.
+def linear_cross_entropy_setup(ctx, inputs, output):
+    _, nll, d_hidden, d_weight = output
+    ctx.save_for_backward(d_hidden, d_weight)
+    ctx.asked = inputs[8], inputs[9]  # grad_hidden, grad_weight
+    ctx.mark_non_differentiable(nll, d_hidden, d_weight)
+
+
+def linear_cross_entropy_backward(ctx, d_loss, *_):
+    d_hidden, d_weight = ctx.saved_tensors
+    grads = [None] * 11
+    for i, (saved, asked, name) in enumerate(((d_hidden, ctx.asked[0], "hidden"), (d_weight, ctx.asked[1], "weight"))):
+        if ctx.needs_input_grad[i]:
+            if not asked:
+                raise RuntimeError(
+                    f"linear_cross_entropy: a gradient for {name} was asked in backward but the forward ran with "
+                    f"grad_{name}=False (call it through ftcore.ops.linear_cross_entropy)"
+                )
+            grads[i] = (saved * d_loss).to(saved.dtype)
+    return tuple(grads)

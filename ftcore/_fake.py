@@ -113,3 +113,15 @@ def dequantize_int4(packed, scale, zero_point, group_size, dtype):
 
 def int4_linear(input, packed, scale, zero_point, group_size, bias):
     return input.new_empty((*input.shape[:-1], packed.shape[0]))
+
+
+def linear_cross_entropy(hidden, weight, labels, token_weights, ignore_index, weighting, tau, divisor,
+                         grad_hidden, grad_weight, chunk_tokens):
+    torch._check(labels.shape == hidden.shape[:-1], lambda: "labels must have hidden's leading dims")
+    acc = _acc(hidden.dtype)
+    return (
+        hidden.new_empty((), dtype=acc),
+        hidden.new_empty(labels.shape, dtype=acc),
+        hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty(0),
+        weight.new_empty(weight.shape) if grad_weight else weight.new_empty(0),
+    )

@@ -167,6 +167,16 @@ TABLE: Tuple[Op, ...] = (
        "(Tensor input, Tensor packed, Tensor scale, Tensor zero_point, int group_size, Tensor? bias) -> Tensor",
        "input · dequant(W)ᵀ + bias, the weight dequantized a block at a time (never whole).",
        reference.int4_linear, _fake.int4_linear, _kernels("composite/int4_linear.cpp")),
+    # ---- losses (contract and formulas in include/ftcore/linear_cross_entropy.h) -----------------------------
+    Op("linear_cross_entropy",
+       "(Tensor hidden, Tensor weight, Tensor labels, Tensor? token_weights, int ignore_index, str weighting, "
+       "float tau, float divisor, bool grad_hidden, bool grad_weight, int chunk_tokens) -> "
+       "(Tensor, Tensor, Tensor, Tensor)",
+       "(loss, nll, d_hidden, d_weight): Σ w_t · nll_t / divisor for logits = hidden · weightᵀ formed a chunk of "
+       "tokens at a time, never whole; w_t by weighting (none, given, dft, talr; never differentiated); the "
+       "gradients asked for are computed in the forward (3 GEMMs a chunk, 2 with a frozen weight).",
+       reference.linear_cross_entropy, _fake.linear_cross_entropy, _kernels("composite/linear_cross_entropy.cpp"),
+       EXACT, (A.linear_cross_entropy_backward, A.linear_cross_entropy_setup), ("hidden", "weight")),
 )
 
 BY_NAME: Dict[str, Op] = {op.name: op for op in TABLE}

@@ -21,6 +21,7 @@ from torch import Tensor
 from ._loader import OPS
 from ._op_table import wraps_op
 from ._validate import check_delta_indices
+from .reference import token_loss_weights
 
 # The *_backward ops serve the autograd formulas (ftcore/_autograd.py); they have no wrapper here.
 __all__ = [*(op for op in OPS if not op.endswith("_backward")), "check_delta_indices"]
@@ -420,3 +421,93 @@ def int4_linear(
     """``input · dequantize_int4(...)ᵀ + bias`` with the weight dequantized a block of rows at a time (about a
     million weights), never whole; the GEMM runs in input's dtype. Forward only (inference of an exported layer)."""
     return torch.ops.ftcore.int4_linear.default(input, packed, scale, zero_point, group_size or 0, bias)
+
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_labels(labels: Tensor, vocab: int, ignore_index: int) -> None:
+    """Every label is ignore_index or in [0, vocab): one host sync; skipped under torch.compile (the kernel's
+    gather still refuses an address out of range)."""
+    if labels.numel() == 0 or torch.compiler.is_compiling():
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        t = tuple(int(i) for i in bad.nonzero()[0])
+        raise IndexError(f"labels{list(t)} = {int(labels[t])} is neither ignore_index ({ignore_index}) nor in [0, {vocab})")
+
+
+@wraps_op("linear_cross_entropy")
+def linear_cross_entropy(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    weighting: str = "none",
+    token_weights: Optional[Tensor] = None,
+    tau: float = 1.0,
+    reduction: str = "mean",
+    num_items_in_batch=None,
+    chunk_tokens: int = 0,
+    checked: bool = False,
+) -> Tensor:
+    """Cross-entropy of ``hidden @ lm_head_weight.T`` against `labels` (same leading dims as hidden, not shifted:
+    label t is the target of hidden t) without the (tokens × vocab) logits ever existing whole, forward or
+    backward. Loss = Σ_t w_t · nll_t / divisor over the tokens whose label is not `ignore_index`:
+
+    - weighting ``"none"``: w_t = 1; ``"given"``: w_t = token_weights[t] (any sign: token pruning, FAIT-style
+      weights, negative "forgetting" tokens); ``"dft"``: w_t = p(y_t) (Dynamic Fine-Tuning); ``"talr"``:
+      w_t = N · softmax_t(log p(y_t) / tau) over the N counted tokens of this call (Token-Adaptive Loss
+      Reweighting: w_t ∝ p(y_t)^(1/tau), mean weight 1; under gradient accumulation each micro-batch is
+      normalised on its own). dft and talr weights are not differentiated.
+    - reduction ``"mean"``: divisor = the number of counted tokens, as ``CrossEntropyLoss`` (NaN when there is
+      none, as there); ``num_items_in_batch`` given (the HF Trainer's count under gradient accumulation): that
+      number. ``"sum"``: divisor 1. ``"none"``: the per-token w_t · nll_t (no gradient).
+
+    The gradients are computed in this call, chunk by chunk (3 GEMMs a chunk: logits, d_hidden, d_weight; the
+    weight's only when ``lm_head_weight.requires_grad``), in fp32 (fp64 for float64) whatever the input dtype;
+    backward scales them. Gradients exist only for hidden and lm_head_weight (not token_weights). Labels are
+    checked on every call (one host sync) unless ``checked=True``.
+    """
+    if weighting not in ("none", "given", "dft", "talr"):
+        raise ValueError(f'weighting must be "none", "given", "dft" or "talr", got {weighting!r}')
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if (token_weights is not None) != (weighting == "given"):
+        raise ValueError(
+            'weighting="given" needs token_weights' if weighting == "given"
+            else f'token_weights are only read with weighting="given" (got weighting={weighting!r})'
+        )
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
+        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+    divisor = 0.0
+    if num_items_in_batch is not None:
+        if reduction != "mean":
+            raise ValueError(f'num_items_in_batch is the divisor of reduction="mean", not of {reduction!r}')
+        divisor = float(num_items_in_batch.item() if isinstance(num_items_in_batch, Tensor) else num_items_in_batch)
+        if not math.isfinite(divisor) or divisor <= 0:
+            raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch!r}")
+    elif reduction == "sum":
+        divisor = 1.0
+    if not isinstance(labels, Tensor) or labels.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"labels must be an int64 or int32 tensor, got {getattr(labels, 'dtype', type(labels))}")
+    if not checked and isinstance(lm_head_weight, Tensor) and lm_head_weight.dim() == 2:
+        _check_labels(labels, lm_head_weight.shape[0], ignore_index)
+    grad = torch.is_grad_enabled()
+    grad_hidden = grad and hidden.requires_grad
+    grad_weight = grad and lm_head_weight.requires_grad
+    if reduction == "none":
+        if grad_hidden or grad_weight:
+            raise ValueError(
+                'reduction="none" has no gradient here (each token\'s own upstream gradient would need its own '
+                'weight-gradient pass); use "mean" or "sum" to train, "none" under torch.no_grad() to inspect'
+            )
+    loss, nll, _, _ = torch.ops.ftcore.linear_cross_entropy.default(
+        hidden, lm_head_weight, labels, token_weights, ignore_index, weighting, float(tau), divisor,
+        grad_hidden, grad_weight, chunk_tokens,
+    )
+    if reduction == "none":
+        valid = labels != ignore_index
+        return token_loss_weights(nll, valid, weighting, token_weights, tau) * nll
+    return loss

@@ -305,3 +305,51 @@ def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int
 def int4_linear(input, packed, scale, zero, group_size, bias=None) -> Tensor:
     weight = dequantize_int4(packed, scale, zero, group_size, input.dtype)
     return torch.nn.functional.linear(input, weight, bias)
+
+
+# ---- linear cross-entropy (contract in csrc/include/ftcore/linear_cross_entropy.h) ----------------------------
+
+WEIGHTINGS = ("none", "given", "dft", "talr")
+
+
+def token_loss_weights(nll: Tensor, valid: Tensor, weighting: str, token_weights: Optional[Tensor], tau: float) -> Tensor:
+    """Each token's loss weight w_t (0 where not counted), never differentiated: 1 ("none"), token_weights
+    ("given"), p(y_t) = exp(−nll_t) ("dft"), or N · softmax_t(log p(y_t) / tau) over the N counted tokens
+    ("talr": w_t ∝ p(y_t)^(1/tau), mean weight 1)."""
+    nll = nll.detach()
+    if weighting == "none":
+        w = valid.to(nll.dtype)
+    elif weighting == "given":
+        w = torch.where(valid, token_weights.detach().reshape(nll.shape).to(nll.dtype), 0.0)
+    elif weighting == "dft":
+        w = torch.where(valid, torch.exp(-nll), 0.0)
+    elif weighting == "talr":
+        a = torch.where(valid, -nll / tau, float("-inf"))
+        w = torch.where(valid, torch.softmax(a.reshape(-1), 0).reshape(a.shape) * valid.sum(), 0.0)
+    else:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    return w
+
+
+def linear_cross_entropy(hidden, weight, labels, token_weights, ignore_index, weighting, tau, divisor,
+                         grad_hidden, grad_weight, chunk_tokens):
+    """(loss, nll, d_hidden, d_weight): loss = Σ w_t · nll_t / divisor (divisor 0: the counted tokens), nll per
+    token (0 where labels == ignore_index), and the loss's gradients (empty when not asked), all from the whole
+    logits in the accumulation type. chunk_tokens only shapes the kernel's work and is ignored here."""
+    acc = _acc(hidden.dtype)
+    h = hidden.detach().to(acc).requires_grad_(grad_hidden)
+    w_ = weight.detach().to(acc).requires_grad_(grad_weight)
+    y = labels.reshape(-1).long()
+    valid = y != ignore_index
+    with torch.enable_grad():
+        logits = h.reshape(-1, h.shape[-1]) @ w_.T
+        nll = torch.nn.functional.cross_entropy(logits, torch.where(valid, y, 0), reduction="none")
+        nll = torch.where(valid, nll, 0.0)
+        w = token_loss_weights(nll, valid, weighting, token_weights, tau)
+        div = torch.tensor(float(divisor), dtype=acc) if divisor > 0 else valid.sum().to(acc)
+        loss = (w * nll).sum() / div
+        wanted = [t for t, want in ((h, grad_hidden), (w_, grad_weight)) if want]
+        grads = list(torch.autograd.grad(loss, wanted)) if wanted else []
+    d_hidden = grads.pop(0).to(hidden.dtype) if grad_hidden else hidden.new_empty(0)
+    d_weight = grads.pop(0).to(weight.dtype) if grad_weight else weight.new_empty(0)
+    return loss.detach(), nll.detach().reshape(labels.shape), d_hidden, d_weight

@@ -199,3 +199,17 @@ def _(dtype):
 def _(dtype):
     x = _rand(2, 3, 16, dtype=dtype, seed=51)
     return [(x, *_int4(dtype, 8, False), 8, _rand(OUT, dtype=dtype, seed=52)), (x, *_int4(dtype, 0, True), 0, None)]
+
+
+@sample("linear_cross_entropy")
+def _(dtype):
+    # Tokens (2, 3) over a vocabulary of 7, one ignored label; chunks of 2 tokens reach the chunk loop's seams.
+    # Only the weightings with an exact gradient are gradchecked here (dft and talr weights are not
+    # differentiated by definition: tests/test_linear_cross_entropy.py checks them against the reference).
+    h, w = _rand(2, 3, IN, dtype=dtype, seed=40), _rand(7, IN, dtype=dtype, seed=41)
+    labels = torch.tensor([[3, -100, 0], [6, 2, 2]])
+    given = _rand(2, 3, dtype=dtype, seed=42)
+    return [
+        (h, w, labels, None, -100, "none", 1.0, 0.0, True, True, 2),
+        (h, w, labels.int(), given, -100, "given", 1.0, 4.0, True, True, 0),
+    ]

@@ -199,7 +199,9 @@ class SparseDeltaLinear(DeltaLinear):
         self.base_values = self._values_at(weight, self.indices)
 
     def _subtract_merged_difference(self, y: Tensor, x: Tensor) -> Tensor:
-        difference = self._values_at(self._weight(), self.indices).float() - self.base_values.float()
+        weight = self._weight()
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32  # fp32 would round a float64 model
+        difference = self._values_at(weight, self.indices).to(acc) - self.base_values.to(acc)
         return y - ops.sparse_delta_linear(x, self.indices, difference, self.out_features, checked=True).to(y.dtype)
 
     def _delta_forward(self, x: Tensor) -> Tensor:

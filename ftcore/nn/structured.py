@@ -151,10 +151,12 @@ class StructuredSparseLinear(DeltaLinear):
         self.base_block = self._values_at(self._weight(), self.index)
 
     def _subtract_merged_difference(self, y: Tensor, x: Tensor) -> Tensor:
-        difference = self._values_at(self._weight(), self.index).float() - self.base_block.float()
+        weight = self._weight()
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32  # fp32 would round a float64 model
+        difference = self._values_at(weight, self.index).to(acc) - self.base_block.to(acc)
         if self.rows:
-            return y.index_add(-1, self.index, F.linear(x.float(), difference).to(y.dtype), alpha=-1)
-        return y - F.linear(ops.gather_columns(x, self.index, checked=True).float(), difference).to(y.dtype)
+            return y.index_add(-1, self.index, F.linear(x.to(acc), difference).to(y.dtype), alpha=-1)
+        return y - F.linear(ops.gather_columns(x, self.index, checked=True).to(acc), difference).to(y.dtype)
 
     def _delta_forward(self, x: Tensor) -> Tensor:
         # Under no_grad (evaluation, generation) nothing is kept, so the compact slice is not even gathered.

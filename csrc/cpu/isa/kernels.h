@@ -67,6 +67,15 @@ struct Kernels {
   void (*ste_mask)(Elem acc, const void* v, int64_t len, float scale, float zero, float qmin, float qmax, void* g);
   // In place on g: zero where the bit of the packed mask (element i in bit i % 8 of byte i / 8) is 0.
   void (*apply_mask_bits)(Elem acc, void* g, int64_t len, const uint8_t* bits);
+
+  // Linear cross-entropy (include/ftcore/linear_cross_entropy.h), on `rows` contiguous rows of `vocab` logits in
+  // the accumulation type. lse[r] = log Σ_j exp(logits[r, j]), NaN when the row holds a NaN or an infinity.
+  void (*row_logsumexp)(Elem acc, const void* logits, int64_t vocab, int64_t rows, void* lse);
+  // In place: logits[r, j] = coef[r] · (exp(logits[r, j] − lse[r]) − [j == labels[r]]): the logits' gradient
+  // of coef[r] · nll_r. A row with coef 0 is zeroed; a label outside [0, vocab) (an ignored token) adds no
+  // one-hot term, so no label is ever used as an address unchecked.
+  void (*softmax_grad_rows)(Elem acc, void* logits, int64_t vocab, int64_t rows, const void* lse, const void* coef,
+                            const int64_t* labels);
 };
 
 // Panel widths (tokens per chunk) the inner loops are compiled for: compile-time widths let the compiler keep
