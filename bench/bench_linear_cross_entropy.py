@@ -40,7 +40,7 @@ def run_one(variant, tokens, hidden, vocab, train_head, threads):
     def make(t, v):
         g = torch.Generator().manual_seed(0)
         h = torch.randn(t, hidden, generator=g).requires_grad_()
-        w = (torch.randn(v, hidden, generator=g) / hidden**0.5).requires_grad_(train_head)
+        w = torch.randn(v, hidden, generator=g).div_(hidden**0.5).requires_grad_(train_head)  # no freed temporary: it would hide later peaks
         y = torch.randint(0, v, (t,), generator=g)
         y[:: 7] = -100  # a share of ignored (prompt) tokens
         return h, w, y

@@ -207,7 +207,7 @@ _MEMORY_PROBE = textwrap.dedent(
     tokens, hidden, vocab = 2048, 64, 32000
     g = torch.Generator().manual_seed(0)
     h = torch.randn(tokens, hidden, generator=g).requires_grad_()
-    w = (torch.randn(vocab, hidden, generator=g) / 8).requires_grad_()
+    w = torch.randn(vocab, hidden, generator=g).div_(8).requires_grad_()  # in place: a freed temporary would hide peaks
     y = torch.randint(0, vocab, (tokens,), generator=g)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if sys.argv[1] == "fused":
@@ -327,3 +327,27 @@ def test_kl_anchor_gradient_equals_a_two_model_reference(direction):
 def test_kl_anchor_needs_an_adapted_model():
     with pytest.raises(ValueError, match="ftcore-adapted"):
         ftcore.causal_lm_loss(tiny_llama(), _masked_batch(), kl_strength=0.1)
+
+
+def test_fused_loss_trainer_takes_the_trainers_steps(tmp_path):
+    """Two optimizer steps of 2 accumulated micro-batches: FusedLossTrainer (num_items_in_batch passed through)
+    ends where the plain Trainer ends."""
+    from transformers import Trainer, TrainingArguments
+
+    data = [{k: v[0] for k, v in _masked_batch(seed).items()} for seed in range(8)]
+
+    def train(cls, **kw):
+        model = tiny_llama()
+        ftcore.apply(model, ftcore.SparseDeltaConfig(density=0.05, target_modules="all-linear", exclude_modules=["lm_head"]))
+        args = TrainingArguments(
+            output_dir=str(tmp_path / cls.__name__), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            max_steps=2, learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+            dataloader_drop_last=True, logging_strategy="no",
+        )
+        cls(model=model, args=args, train_dataset=data, **kw).train()
+        return [p.detach().clone() for p in ftcore.trainable_parameters(model)]
+
+    plain = train(Trainer)
+    fused = train(ftcore.FusedLossTrainer)
+    for p, q in zip(plain, fused):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
