@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import engines, ops
 from .api import adapter_layers, disable
 from .nn.base import DeltaLinear
 
@@ -113,10 +113,22 @@ def causal_lm_loss(
     hidden = _final_hidden(model, inputs)
     shifted = _shift(labels, ignore_index)
     weights = _shift(token_weights, 0.0) if token_weights is not None else None
-    loss = ops.linear_cross_entropy(
-        hidden, head.weight, shifted, ignore_index=ignore_index, weighting=weighting, token_weights=weights,
-        tau=tau, num_items_in_batch=num_items_in_batch, chunk_tokens=chunk_tokens,
-    )
+    weight = head.weight
+    engine = engines.sharding_of(weight)
+    if engine is not None and weight.requires_grad and engine != "FSDP2":
+        raise ValueError(
+            f"causal_lm_loss: the LM head's weight trains and is sharded by {engine}; the fused loss handles a "
+            "trained head under FSDP2 only (freeze the head, as every ftcore method does)"
+        )
+    if engine == "FSDP1":
+        raise ValueError("causal_lm_loss: the LM head's weight is flattened by FSDP1; use FSDP2 or DeepSpeed")
+    if engines.is_dtensor(weight):
+        weight = weight.full_tensor()  # a collective, differentiable: every rank computes its loss
+    with engines.gathered([weight]):  # ZeRO-3: whole for the call; its gradient is computed inside, nothing later
+        loss = ops.linear_cross_entropy(
+            hidden, weight, shifted, ignore_index=ignore_index, weighting=weighting, token_weights=weights,
+            tau=tau, num_items_in_batch=num_items_in_batch, chunk_tokens=chunk_tokens,
+        )
     if kl_strength > 0:
         if not adapter_layers(_unwrapped(model)):
             raise ValueError("causal_lm_loss: kl_strength needs an ftcore-adapted model (its base is ftcore.disable)")
@@ -124,7 +136,8 @@ def causal_lm_loss(
             base_hidden = _final_hidden(model, inputs)
         valid = shifted != ignore_index
         divisor = num_items_in_batch if num_items_in_batch is not None else valid.sum()
-        kl = _ChunkedKL.apply(hidden, base_hidden, head.weight, valid, kl_direction == "reverse", chunk_tokens)
+        with engines.gathered([weight]):
+            kl = _ChunkedKL.apply(hidden, base_hidden, weight, valid, kl_direction == "reverse", chunk_tokens)
         loss = loss + kl_strength * kl / divisor
     return loss
 

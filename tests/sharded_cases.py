@@ -380,7 +380,39 @@ def deepspeed_importable() -> bool:
     return True
 
 
+def case_fused_loss(engine):
+    """ftcore.causal_lm_loss (the fused LM loss, head frozen) under the engine: the head's weight is a DTensor
+    (FSDP2), partitioned (ZeRO-3) or whole (ZeRO-2); 3 steps equal one process's plain-loss steps."""
+    config = CONFIGS["sparse"]()
+    data = batches(4)
+    model = ftcore.apply(tiny_llama(), config)
+    if engine == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        module, optimizer = model, torch.optim.AdamW(ftcore.trainable_parameters(model), lr=LR)
+
+        def step(ids):
+            ftcore.causal_lm_loss(module, {"input_ids": ids, "labels": ids}).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    else:
+        import deepspeed
+
+        optimizer = torch.optim.AdamW(ftcore.trainable_parameters(model), lr=LR)
+        module, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(int(engine[-1])))
+
+        def step(ids):
+            module.backward(ftcore.causal_lm_loss(module, {"input_ids": ids, "labels": ids}))
+            module.step()
+
+    return compare(module, step, config, FOLDER[0], f"fused-{engine}", data)
+
+
 CASES = {
+    **{f"fused_loss[{e}]": (case_fused_loss, (e,)) for e in ("fsdp2", "zero2", "zero3")},
     **{f"training[{e}-{m}-{'merged' if merged else 'unmerged'}]": (case_training, (e, m, merged))
        for e in ENGINES for m in CONFIGS for merged in (True, False)},
     **{f"zero3_apply_and_load[{s}]": (case_zero3_apply_and_load, (s,)) for s in ZERO3_SELECTIONS},

@@ -77,3 +77,9 @@ def test_a_sharded_checkpoint_loads_back_into_the_sharded_model(results):
                                   "merged_state_dict_refused", "regrowth_refused_under_zero2"])
 def test_what_cannot_be_exact_is_refused(results, name):
     assert result(results, name)["refused"]
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])
+def test_the_fused_lm_loss_trains_under_the_engine(results, engine):
+    r = result(results, f"fused_loss[{engine}]")
+    assert r["delta_max_diff"] < 1e-5 and r["output_max_diff"] < 1e-5, r
