@@ -173,6 +173,20 @@ def _int4(device):
             ops.int4_linear(x, packed, scale, zero, 16, bias))
 
 
+@smoke("linear_cross_entropy")
+def _linear_cross_entropy(device):
+    # A vocabulary that is not a multiple of the block's threads, ignored labels, several chunks; fp32 and bf16.
+    h, w = _on(device, _rand(TOKENS, IN, seed=40), _rand(1000, IN, seed=41) / 8)
+    y = torch.randint(0, 1000, (TOKENS,), generator=torch.Generator().manual_seed(42)).to(device)
+    y[::5] = -100
+    out = []
+    for weighting in ("none", "dft", "talr"):
+        for hh, ww in ((h, w), (h.bfloat16(), w.bfloat16())):
+            raw = torch.ops.ftcore.linear_cross_entropy.default(hh, ww, y, None, -100, weighting, 0.5, 0.0, True, True, 8)
+            out += [t.float() for t in raw]
+    return tuple(out)
+
+
 def compare(name: str, mode: str, got, want) -> float:
     """Raises AssertionError naming the op unless `got` (device) matches `want` (CPU); returns the largest
     absolute difference."""

@@ -351,3 +351,18 @@ def test_fused_loss_trainer_takes_the_trainers_steps(tmp_path):
     fused = train(ftcore.FusedLossTrainer)
     for p, q in zip(plain, fused):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+def test_every_device_matches_the_reference(device, weighting):
+    """The CPU row kernels and, on a GPU, the CUDA ones (logits kept in bf16 there, sums in fp32)."""
+    h, w, y, tw = _case(seed=11, tokens=(5, 9), hidden=40, vocab=1000, dtype=torch.float32)
+    kw = dict(weighting=weighting, token_weights=tw if weighting == "given" else None, tau=0.5, chunk_tokens=7)
+    want = _reference_grads(h, w, y, **kw)
+    on = lambda t: None if t is None else t.to(device)  # noqa: E731
+    got = _op_grads(on(h), on(w), on(y), **{**kw, "token_weights": on(kw["token_weights"])})
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g.double().cpu(), r, rtol=2e-5, atol=2e-6)
+    got16 = _op_grads(on(h).bfloat16(), on(w).bfloat16(), on(y), **{**kw, "token_weights": on(kw["token_weights"])})
+    for g, r in zip(got16, want):
+        torch.testing.assert_close(g.double().cpu(), r, rtol=5e-2, atol=5e-3)
