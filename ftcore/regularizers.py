@@ -65,7 +65,11 @@ class DiagonalFisher:
         EWC anchors at the weights the Fisher was estimated at; ewc_penalty anchors at W0, so estimate it right
         after ``apply``, while Δ = 0."""
         layers = _unsharded_layers(model, "DiagonalFisher.estimate")
-        if getattr(model, "is_gradient_checkpointing", False):
+        # transformers 5 names it is_activation_checkpointing (the old name warns); 4.x has only the old one
+        checkpointing = getattr(model, "is_activation_checkpointing", None)
+        if checkpointing is None:
+            checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        if checkpointing:
             raise ValueError("DiagonalFisher.estimate: turn gradient checkpointing off while estimating (its "
                              "recomputed forwards would be counted again)")
         sums = {name: torch.zeros_like(layer.delta, dtype=torch.float32) for name, layer in layers.items()}
