@@ -58,7 +58,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from types import SimpleNamespace
 from typing import Dict, List, Optional
 

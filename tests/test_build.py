@@ -15,7 +15,7 @@ def test_extension_matches_the_running_torch():
 
 
 def test_every_op_has_kernels():
-    assert len(ftcore.check_registrations("CPU")) == 22  # sparse deltas 6, structured blocks 6, quantizers 10
+    assert len(ftcore.check_registrations("CPU")) == 23  # sparse deltas 6, structured blocks 6, quantizers 10, losses 1
     if ftcore.cuda_kernels_available():
         ftcore.check_registrations("CUDA")
 
