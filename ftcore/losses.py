@@ -23,11 +23,12 @@ KL_DIRECTIONS = ("forward", "reverse")
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
-    """The transformers model inside a DDP / FSDP1 / DeepSpeed wrapper (the wrapper itself is what runs)."""
-    inner = model
-    while not hasattr(inner, "get_output_embeddings") and hasattr(inner, "module"):
-        inner = inner.module
-    return inner
+    """The transformers model inside a DDP / DeepSpeed wrapper or a PEFT model (the wrapper itself is what runs)."""
+    inner = engines.unwrap(model)
+    while not hasattr(inner, "get_output_embeddings") and isinstance(getattr(inner, "module", None), nn.Module):
+        inner = inner.module  # FSDP1's wrapper
+    get_base_model = getattr(inner, "get_base_model", None)  # PEFT: the transformers model its layers live in
+    return get_base_model() if callable(get_base_model) else inner
 
 
 def _lm_head(model: nn.Module) -> nn.Module:

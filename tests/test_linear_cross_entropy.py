@@ -267,6 +267,25 @@ def test_causal_lm_loss_trains_ftcore_deltas_as_the_plain_loss_does():
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7)
 
 
+def test_causal_lm_loss_through_a_peft_lora_model():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    b = _masked_batch(4)
+    want = model(**b).loss
+    want.backward()
+    want_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    got = ftcore.causal_lm_loss(model, b)
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for p, g in zip([p for p in model.parameters() if p.requires_grad], want_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    lora_head = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["lm_head"]))
+    with pytest.raises(ValueError, match="LM head carries an adapter"):
+        ftcore.causal_lm_loss(lora_head, b)
+
+
 def test_an_adapter_on_the_lm_head_is_refused():
     model = tiny_llama()
     ftcore.apply(model, ftcore.SparseDeltaConfig(density=0.05, target_modules=["lm_head"]))
