@@ -45,9 +45,16 @@ def _lm_head(model: nn.Module) -> nn.Module:
     if not isinstance(head, nn.Linear) or head.bias is not None:
         raise ValueError(f"causal_lm_loss: the LM head must be an nn.Linear without bias, got {head!r}")
     config = getattr(inner, "config", None)
-    for knob in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
-        if getattr(config, knob, None) not in (None, 1.0):
-            raise ValueError(f"causal_lm_loss: the model transforms its logits ({knob}); that is not fused yet")
+    configs = [config]
+    if config is not None and hasattr(config, "get_text_config"):
+        configs.append(config.get_text_config())  # multimodal models keep the LM's knobs there
+    # Models that transform the head's output (soft-capping, scaling): the fused loss would score other logits.
+    knobs = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling",
+             "lm_head_multiplier", "logit_softcapping")
+    for c in configs:
+        for knob in knobs:
+            if getattr(c, knob, None) not in (None, 1.0):
+                raise ValueError(f"causal_lm_loss: the model transforms its logits ({knob}); that is not fused yet")
     return head
 
 
@@ -66,6 +73,8 @@ def _final_hidden(model: nn.Module, inputs: dict) -> Tensor:
     handle = body.register_forward_hook(capture)
     try:
         ids = inputs.get("input_ids", inputs.get("inputs_embeds"))
+        if ids is None:
+            raise ValueError("causal_lm_loss: batch has neither input_ids nor inputs_embeds")
         model(**inputs, logits_to_keep=torch.empty(0, dtype=torch.long, device=ids.device), use_cache=False)
     finally:
         handle.remove()
@@ -116,15 +125,19 @@ def causal_lm_loss(
     weights = _shift(token_weights, 0.0) if token_weights is not None else None
     weight = head.weight
     engine = engines.sharding_of(weight)
-    if engine is not None and weight.requires_grad and engine != "FSDP2":
+    if engine is not None and weight.requires_grad:
+        # Its gradient would have to meet the engine's reduction (FSDP2's full_tensor() backward only slices):
+        # not built, so refused rather than trained on one rank's batch.
         raise ValueError(
-            f"causal_lm_loss: the LM head's weight trains and is sharded by {engine}; the fused loss handles a "
-            "trained head under FSDP2 only (freeze the head, as every ftcore method does)"
+            f"causal_lm_loss: the LM head's weight trains and is sharded by {engine}; the fused loss trains a "
+            "sharded head not yet (freeze the head, as every ftcore method does, or do not shard it)"
         )
     if engine == "FSDP1":
         raise ValueError("causal_lm_loss: the LM head's weight is flattened by FSDP1; use FSDP2 or DeepSpeed")
     if engines.is_dtensor(weight):
-        weight = weight.full_tensor()  # a collective, differentiable: every rank computes its loss
+        weight = weight.full_tensor()  # a collective: every rank computes its loss
+    if weight.dtype != hidden.dtype:
+        weight = weight.to(hidden.dtype)  # e.g. FSDP2 mixed precision: an fp32 head over a bf16 body
     with engines.gathered([weight]):  # ZeRO-3: whole for the call; its gradient is computed inside, nothing later
         loss = ops.linear_cross_entropy(
             hidden, weight, shifted, ignore_index=ignore_index, weighting=weighting, token_weights=weights,
@@ -193,22 +206,22 @@ def _trainer_class():
     class FusedLossTrainer(Trainer):
         """A ``transformers.Trainer`` whose loss is :func:`causal_lm_loss` (the logits never exist whole).
         ``loss_kwargs`` go to it: ``weighting``, ``tau``, ``kl_strength``, ``kl_direction``, ``chunk_tokens``.
-        The Trainer's ``num_items_in_batch`` (gradient accumulation) is passed through."""
+        The Trainer's ``num_items_in_batch`` (gradient accumulation) is passed through. Evaluation gives the loss
+        only (no logits exist). The Trainer's ``label_smoothing_factor`` and ``compute_loss_func`` are not used."""
 
         def __init__(self, *args, loss_kwargs: Optional[dict] = None, **kwargs):
             super().__init__(*args, **kwargs)
             self.fused_loss_kwargs = dict(loss_kwargs or {})
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if return_outputs:
-                raise ValueError("FusedLossTrainer computes no logits; evaluate with prediction_loss_only=True")
             loss = causal_lm_loss(model, inputs, num_items_in_batch=num_items_in_batch, **self.fused_loss_kwargs)
             if num_items_in_batch is not None and self.args.average_tokens_across_devices:
                 # num_items_in_batch counts every data-parallel rank's tokens and DDP averages the gradients over
                 # the ranks: scaled back as Trainer scales a model's own loss.
                 scale = self.accelerator.num_processes // self.get_tp_size()
                 loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
-            return loss
+            # Evaluation asks for outputs: there are no logits, so only the loss is evaluated.
+            return (loss, {"loss": loss}) if return_outputs else loss
 
     return FusedLossTrainer
 

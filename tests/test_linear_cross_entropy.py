@@ -129,7 +129,16 @@ def test_talr_does_not_underflow_at_a_small_temperature():
         torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float16_training_is_refused_and_inference_runs():
+    h, w, y, _ = _case(seed=12, dtype=torch.float16, vocab=300)
+    with pytest.raises(ValueError, match="float16"):
+        ops.linear_cross_entropy(h.requires_grad_(), w, y)
+    with torch.no_grad():
+        got = ops.linear_cross_entropy(h, w, y)
+    torch.testing.assert_close(got.double(), _reference_grads(h.float(), w.float(), y)[0], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_half_precision_inputs_accumulate_in_fp32(dtype):
     h, w, y, _ = _case(seed=5, dtype=dtype, vocab=300)
     loss, gh, gw = _op_grads(h, w, y, weighting="dft")
@@ -286,6 +295,13 @@ def test_causal_lm_loss_through_a_peft_lora_model():
         ftcore.causal_lm_loss(lora_head, b)
 
 
+def test_a_model_that_scales_its_logits_is_refused():
+    model = tiny_llama()
+    model.config.logits_scaling = 8.0  # as Granite's config does
+    with pytest.raises(ValueError, match="logits_scaling"):
+        ftcore.causal_lm_loss(model, _masked_batch())
+
+
 def test_an_adapter_on_the_lm_head_is_refused():
     model = tiny_llama()
     ftcore.apply(model, ftcore.SparseDeltaConfig(density=0.05, target_modules=["lm_head"]))
@@ -361,15 +377,17 @@ def test_fused_loss_trainer_takes_the_trainers_steps(tmp_path):
         args = TrainingArguments(
             output_dir=str(tmp_path / cls.__name__), per_device_train_batch_size=2, gradient_accumulation_steps=2,
             max_steps=2, learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, seed=0,
-            dataloader_drop_last=True, logging_strategy="no",
+            dataloader_drop_last=True, logging_strategy="no", prediction_loss_only=True, per_device_eval_batch_size=2,
+            label_names=["labels"],
         )
-        cls(model=model, args=args, train_dataset=data, **kw).train()
-        return [p.detach().clone() for p in ftcore.trainable_parameters(model)]
+        trainer = cls(model=model, args=args, train_dataset=data, eval_dataset=data[:4], **kw)
+        trainer.train()
+        return [p.detach().clone() for p in ftcore.trainable_parameters(model)], trainer.evaluate()["eval_loss"]
 
-    plain = train(Trainer)
-    fused = train(ftcore.FusedLossTrainer)
+    (plain, plain_eval), (fused, fused_eval) = train(Trainer), train(ftcore.FusedLossTrainer)
     for p, q in zip(plain, fused):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    assert abs(plain_eval - fused_eval) < 1e-5, (plain_eval, fused_eval)
 
 
 @pytest.mark.parametrize("weighting", WEIGHTINGS)
