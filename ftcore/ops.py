@@ -470,15 +470,9 @@ def linear_cross_entropy(
     weights and the sums in fp32 (fp64 for float64); backward scales them. float16 training is refused for now. Gradients exist only for hidden and lm_head_weight (not token_weights). Labels are
     checked on every call (one host sync) unless ``checked=True``.
     """
-    if weighting not in ("none", "given", "dft", "talr"):
-        raise ValueError(f'weighting must be "none", "given", "dft" or "talr", got {weighting!r}')
+    # weighting and its token_weights are checked by the op's argument checks (one place for both devices)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if (token_weights is not None) != (weighting == "given"):
-        raise ValueError(
-            'weighting="given" needs token_weights' if weighting == "given"
-            else f'token_weights are only read with weighting="given" (got weighting={weighting!r})'
-        )
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
         raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
     divisor = 0.0
