@@ -3,6 +3,7 @@
 #   make demo        fine-tune a small Llama with sparse deltas, S²FT and full fine-tuning (built-in default)
 #   make bench       the microbenchmarks; prints ratios and writes bench/results/
 #   make retention   the retention benchmark (QUICK=1: about 4 minutes); writes bench/results/retention-*
+#   make quant-quality  W4A4KV4 perplexity / cosine tables (QUICK=1 shorter); writes bench/results/quant-quality-*
 #   make bench-micro per-op timings with pytest-benchmark (for comparing commits)
 #   make cuda-check  CUDA build of torch in a separate env, compile every .cu into the extension
 #   make wheel-check build a wheel and install it into a fresh env with the same torch
@@ -30,7 +31,7 @@ GPU_PYTHON ?= python3
 BUILD_DEPS := "setuptools>=69" wheel ninja pybind11 numpy build
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.inc' -o -name '*.cu' -o -name '*.cuh') setup.py
 
-.PHONY: test demo bench retention bench-micro cuda-check wheel-check gpu-prebuild gpu-check build clean
+.PHONY: test demo bench retention quant-quality bench-micro cuda-check wheel-check gpu-prebuild gpu-check build clean
 
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +63,11 @@ bench: build
 # QUICK=1: fewer steps, 1 learning rate, 2 seeds (about 4 minutes). Writes bench/results/retention-{cpu,quick}.*
 retention: build
 	$(PY) bench/retention.py $(if $(QUICK),--quick,)
+
+# W4A4(KV4) quality on real-ish weights: the retention LM's perplexity (fp, RTN with and without rotations, a RoSTE
+# fine-tune) and all-MiniLM-L6-v2's embedding cosines; QUICK=1 a shorter pretraining and fewer seeds and steps.
+quant-quality: build
+	$(PY) bench/bench_quant_quality.py $(if $(QUICK),--quick,)
 
 bench-micro: build
 	$(PY) -m pytest -q bench/test_ops_micro.py --benchmark-only

@@ -147,4 +147,12 @@ int64_t check_int4_args(const at::Tensor& packed, const at::Tensor& scale, const
   return g;
 }
 
+int64_t rotation_row_bytes(int64_t n, int64_t k, int64_t acc_bytes) { return n * (k > 1 ? 2 : 1) * acc_bytes; }
+
+RowStorage rotation_row_storage(int64_t n, int64_t k, int64_t acc_bytes, int64_t static_smem_bytes,
+                                int64_t optin_smem_bytes) {
+  return rotation_row_bytes(n, k, acc_bytes) + static_smem_bytes <= optin_smem_bytes ? RowStorage::Shared
+                                                                                      : RowStorage::Global;
+}
+
 }  // namespace ftcore

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "ftcore/cpu_isa.h"
+#include "ftcore/quant.h"
 
 #define FTCORE_STR2(x) #x
 #define FTCORE_STR(x) FTCORE_STR2(x)
@@ -76,11 +77,21 @@ PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
   return PyBool_FromLong(ftcore::set_cpu_isa(name));
 }
 
+PyObject* py_rotation_row_storage(PyObject*, PyObject* args) {
+  long long n, k, acc_bytes, static_bytes, optin_bytes;
+  if (!PyArg_ParseTuple(args, "LLLLL", &n, &k, &acc_bytes, &static_bytes, &optin_bytes)) return nullptr;
+  const auto where = ftcore::rotation_row_storage(n, k, acc_bytes, static_bytes, optin_bytes);
+  return PyUnicode_FromString(where == ftcore::RowStorage::Shared ? "shared" : "global");
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", py_cpu_isa, METH_NOARGS, "The instruction-set build of the CPU kernels in use."},
     {"available_cpu_isas", py_available_cpu_isas, METH_NOARGS, "Builds of the CPU kernels this CPU runs."},
     {"bump_version_after_write", py_bump_version_after_write, METH_O,
      "Registers the version-counter bump of the written argument for the named in-place op."},
+    {"rotation_row_storage", py_rotation_row_storage, METH_VARARGS,
+     "rotation_row_storage(n, k, acc_bytes, static_smem_bytes, optin_smem_bytes): 'shared' or 'global', where "
+     "the CUDA rotation kernels keep a row of n values (Hadamard factor k) on a device with that opt-in limit."},
     {"set_cpu_isa", py_set_cpu_isa, METH_O, "Switch the CPU kernels to the named build; False if unsupported."},
     {nullptr, nullptr, 0, nullptr}};
 

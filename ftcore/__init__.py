@@ -28,6 +28,8 @@ from .api import (
 from .regularizers import DiagonalFisher, ewc_penalty, l2_to_base
 from .losses import causal_lm_loss
 from .nn import Int4Linear, RotatedQuantLinear, SparseDeltaLinear, StructuredSparseLinear
+from .tuners.quantize import QuantConfig, RotationPlan, export_int4
+from .tuners.quant_files import load_quantized, save_quantized
 from .tuners import (
     BackpropPlan,
     SparseDeltaConfig,
@@ -59,6 +61,11 @@ __all__ = [
     "StructuredSparseLinear",
     "RotatedQuantLinear",
     "Int4Linear",
+    "QuantConfig",
+    "RotationPlan",
+    "export_int4",
+    "save_quantized",
+    "load_quantized",
     "plan_backprop",
     "BackpropPlan",
     "SparseDeltaScheduler",

@@ -15,6 +15,7 @@ from .nn.base import DeltaLinear, logical_weight
 from .nn.sparse_delta import SparseDeltaLinear
 from .tuners import adapter as adapter_files
 from .tuners.planner import BackpropPlan
+from .tuners.quantize import QuantConfig, apply_quantization, quant_state
 from .tuners.sparse_delta import SparseDeltaConfig, apply_sparse_delta
 from .tuners.structured import StructuredSparseConfig, apply_structured
 from .tuners.targets import install, set_submodule, track_layers, untrack_layers
@@ -29,22 +30,29 @@ def adapter_layers(model: nn.Module) -> Dict[str, DeltaLinear]:
 
 def apply(
     model: nn.Module,
-    config: Union[SparseDeltaConfig, StructuredSparseConfig, BackpropPlan],
+    config: Union[SparseDeltaConfig, StructuredSparseConfig, BackpropPlan, QuantConfig],
     *,
     calibration: Optional[Sequence] = None,
 ) -> nn.Module:
     """Swaps the layers `config` targets for ftcore modules, in place, freezing everything else; returns the
     model. `calibration` (batches of model inputs, with labels where gradients are needed) serves the
-    data-driven selections. A BackpropPlan from ``ftcore.plan_backprop`` is applied as its config."""
+    data-driven selections (and QuantConfig(rotation="adaptive")). A BackpropPlan from ``ftcore.plan_backprop``
+    is applied as its config. A QuantConfig makes the whole model quantization-aware (see
+    ftcore.tuners.quantize); it does not combine with the other methods yet."""
     if adapter_layers(model):
         raise ValueError("the model already carries an ftcore adapter; merge, unmerge or save it first")
+    if quant_state(model) is not None:
+        raise ValueError("the model is quantized by ftcore.apply(QuantConfig); combining quantization-aware "
+                         "training with another ftcore method is not supported yet")
+    if isinstance(config, QuantConfig):
+        return apply_quantization(model, config, calibration)
     if isinstance(config, BackpropPlan):
         return apply_structured(model, config.config, layers=config.layers)
     if isinstance(config, SparseDeltaConfig):
         return apply_sparse_delta(model, config, calibration)
     if isinstance(config, StructuredSparseConfig):
         return apply_structured(model, config, calibration)
-    raise TypeError(f"ftcore.apply takes a SparseDeltaConfig, StructuredSparseConfig or BackpropPlan, got {type(config).__name__}")
+    raise TypeError(f"ftcore.apply takes a SparseDeltaConfig, StructuredSparseConfig, BackpropPlan or QuantConfig, got {type(config).__name__}")
 
 
 def trainable_parameters(model: nn.Module) -> List[nn.Parameter]:

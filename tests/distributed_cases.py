@@ -187,6 +187,28 @@ def case_one_rank_alone(folder):
     return {"ran": bool(ok)}
 
 
+def case_quantization_aware_training():
+    """W4A4KV4 QAT (R1–R4, fp32 masters, every parameter trainable) under DDP against one process: nothing in it is
+    rank-dependent state, so AdamW on the averaged gradient must land on the same masters, up to the rare
+    quantization level that float rounding (a batch of 2 against one of 4 in the GEMMs) flips: such a flip
+    changes a gradient entry by a whole step's worth, which Adam then turns into a full-size update."""
+    data = batches(4)
+    config = lambda: ftcore.QuantConfig(rotation="full", seed=5)  # noqa: E731
+    model = ftcore.apply(tiny_llama(), config())
+    ddp = train(model, data, 3, ddp=True)
+    reference = train(ftcore.apply(tiny_llama(), config()), data, 3)
+    with torch.no_grad():
+        out, ref_out = ddp(input_ids=data[-1]).logits, reference(input_ids=data[-1]).logits
+    params, ref_params = dict(model.named_parameters()), dict(reference.named_parameters())
+    diffs = {n: (params[n] - ref_params[n]).abs() for n in params}
+    return {
+        "param_max_diff": max(d.max().item() for d in diffs.values()),
+        "share_of_entries_off": sum(int((d > 1e-5).sum()) for d in diffs.values()) / sum(d.numel() for d in diffs.values()),
+        "output_max_diff": (out - ref_out).abs().max().item(),
+        "identical": all(equal_on_every_rank(p.detach()) for p in params.values()),
+    }
+
+
 CASES = {
     **{f"selection[{n}]": (case_selection, (n,)) for n in SELECTIONS},
     **{f"training[{n}]": (case_training, (n,)) for n in TRAINING},
@@ -196,6 +218,7 @@ CASES = {
     "buffers_stay_out_of_the_broadcast": (case_buffers_stay_out_of_the_broadcast, ()),
     "ranks_that_differ_are_refused": (case_ranks_that_differ_are_refused, ()),
     "one_rank_alone": (case_one_rank_alone, ("FOLDER",)),
+    "quantization_aware_training": (case_quantization_aware_training, ()),
 }
 
 

@@ -136,3 +136,31 @@ def test_offsets_past_two_to_the_31_elements():
     torch.testing.assert_close(y[-3:].float(), ops.hadamard_transform(x[-3:].float()), rtol=2e-2, atol=2e-2)
     q = ops.fake_quantize(x, 4)
     torch.testing.assert_close(q[-3:], ops.fake_quantize(x[-3:], 4))
+
+
+# Rows too long for shared memory run on a global workspace: float64 at 28,672 (K = 28) needs 458,752 bytes a row,
+# over every GPU's per-block limit; in float32 the same size takes the shared path on an H100/H200 and the global
+# one on an A100. More rows than the global path's grid exercise its grid-stride loop. The fused quantizer is
+# compared in float64 only: float32 rotations summed in another order can flip a rounding at a level boundary.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rotation_rows_past_shared_memory(dtype):
+    n = 28672
+    rows = 2 * torch.cuda.get_device_properties(0).multi_processor_count + 3
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, n, dtype=dtype, generator=gen)
+    dy = torch.randn(rows, n, dtype=dtype, generator=gen)
+    signs = ftcore.hadamard.random_signs(n, 5)
+    ops_under_test = {"hadamard_transform": lambda t, s: ops.hadamard_transform(t, signs=s)}
+    if dtype == torch.float64:
+        ops_under_test["rotate_fake_quantize"] = lambda t, s: ops.rotate_fake_quantize(t, 4, signs=s)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-4)
+    for name, run in ops_under_test.items():
+        results = []
+        for device in ("cpu", "cuda"):
+            t = x.to(device).requires_grad_()
+            y = run(t, signs.to(device))
+            y.backward(dy.to(device))
+            results.append((y.detach().cpu(), t.grad.cpu()))
+        (y_cpu, g_cpu), (y_gpu, g_gpu) = results
+        torch.testing.assert_close(y_gpu, y_cpu, **tol, msg=lambda m: f"{name} forward: {m}")
+        torch.testing.assert_close(g_gpu, g_cpu, **tol, msg=lambda m: f"{name} backward: {m}")

@@ -5,7 +5,8 @@ distributed_cases.py; one spawn of two workers runs them all, imports being most
   statistics;
 * 3 AdamW steps under DDP give the one-process deltas and outputs (merged and unmerged, sparse deltas and
   S²FT), and so does SpIEL regrowth, whose choices stay identical across ranks;
-* the position buffers stay out of DDP's per-forward broadcast, and ranks that differ are refused."""
+* the position buffers stay out of DDP's per-forward broadcast, and ranks that differ are refused;
+* W4A4KV4 quantization-aware training (ftcore.QuantConfig) under DDP lands on the one-process masters."""
 
 import pytest
 import torch
@@ -64,3 +65,9 @@ def test_ranks_that_chose_differently_are_refused(results):
 def test_one_rank_alone_can_adapt_load_and_switch(results):
     """No collective outside DDP's forward and the data-driven choices: nothing hangs."""
     assert result(results, "one_rank_alone")["ran"]
+
+
+def test_quantization_aware_training_under_ddp_matches_one_process(results):
+    r = result(results, "quantization_aware_training")
+    assert r["identical"]
+    assert r["share_of_entries_off"] < 1e-3 and r["param_max_diff"] < 1e-3 and r["output_max_diff"] < 1e-4, r

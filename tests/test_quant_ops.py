@@ -7,6 +7,7 @@ import pytest
 import scipy.linalg
 import torch
 
+import ftcore
 from ftcore import hadamard, ops, reference
 
 from conftest import FLOAT_DTYPES, assert_close
@@ -276,6 +277,53 @@ def test_int4_linear_matches_dequantized_matmul(device, dtype):
     ref = reference.int4_linear(x.cpu(), packed.cpu(), scale.cpu(), zero.cpu(), 64, bias.cpu())
     assert y.shape == (3, 7, 300) and y.dtype == dtype
     assert_close(y.cpu(), ref, dtype, scale=16)
+
+
+# The CPU decode path (a few rows: a matrix-vector kernel that reads the packed weight once) against the float64
+# reference and against the GEMM path that more rows take, in every CPU instruction-set build. The shapes reach
+# its blocked layout (in % 128 == 0, group size % 8 == 0, with groups whole to a block or straddling one) and its
+# element-by-element fallback (odd group sizes, in not a multiple of 128, per-channel groups).
+@pytest.mark.parametrize(
+    "out_features, in_features, group_size",
+    [(40, 256, 128), (40, 256, 32), (40, 384, 24), (40, 512, 0), (33, 96, 3), (33, 100, 0), (33, 200, 8)],
+)
+@pytest.mark.parametrize("rows", [1, 5, 32])
+def test_int4_linear_cpu_decode_path(cpu_isa, out_features, in_features, group_size, rows):
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(out_features, in_features, generator=g)
+    packed, scale, zero = ops.quantize_int4(w, group_size or None, symmetric=False)
+    x = torch.randn(rows + 40, in_features, generator=g)
+    ref = x.double() @ ops.dequantize_int4(packed, scale, zero, group_size, torch.float64).t()
+    decode = ops.int4_linear(x[:rows], packed, scale, zero, group_size)
+    gemm = ops.int4_linear(x, packed, scale, zero, group_size)[:rows]  # 40 + rows rows: the GEMM path
+    torch.testing.assert_close(decode.double(), ref[:rows], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(decode, gemm, rtol=1e-5, atol=1e-4)
+    # A strided view of bf16 rows: converted once, the result rounded once to bf16.
+    xb = x[:rows].to(torch.bfloat16).t().contiguous().t()
+    yb = ops.int4_linear(xb, packed, scale, zero, group_size)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.double(), xb.double() @ ops.dequantize_int4(packed, scale, zero, group_size, torch.float64).t(), rtol=1e-2, atol=1e-2)
+
+
+# The CUDA rotation kernels keep a row of n values (2n when K > 1) in shared memory when it fits beside the
+# kernel's static shared memory within the opt-in limit, and in a global workspace otherwise. The limits are the
+# devices' (A100: 166,912 bytes, H100/H200: 232,448); 128 bytes is the static scratch of rotate_fake_quantize.
+@pytest.mark.parametrize(
+    "n, k, acc_bytes, optin, where",
+    [
+        (4096, 1, 4, 232448, "shared"),
+        (28672, 28, 4, 232448, "shared"),   # Llama-3-70B's down_proj on an H100
+        (28672, 28, 4, 166912, "global"),   # … on an A100
+        (29056, 227, 4, 232448, "global"),  # exactly the limit, but the static scratch does not fit beside it
+        (29040, 12, 4, 232448, "shared"),
+        (29568, 924, 4, 232448, "global"),  # Qwen2-72B's intermediate size, everywhere
+        (14336, 28, 8, 232448, "shared"),   # float64 needs twice the bytes: half the size fits on an H100 …
+        (14336, 28, 8, 166912, "global"),   # … not on an A100
+        (14336, 1, 8, 232448, "shared"),    # K = 1 needs one buffer, not two
+    ],
+)
+def test_cuda_rotation_row_storage(n, k, acc_bytes, optin, where):
+    assert ftcore._C.rotation_row_storage(n, k, acc_bytes, 128, optin) == where
 
 
 # ---- opcheck ---------------------------------------------------------------------------------------------------------

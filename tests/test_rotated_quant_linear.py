@@ -144,3 +144,44 @@ def test_quantization_aware_training_on_llama():
             layer.mlp.down_proj = layer.mlp.down_proj.export()
         packed = model(**data).logits
     torch.testing.assert_close(packed, fake, rtol=1e-4, atol=1e-4)
+
+
+# ---- the learnable weight scale (LSQ) ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_learnable_scale_starts_as_the_min_max_scale_and_learns(group_size):
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 12)
+    plain = RotatedQuantLinear.from_linear(linear, w_group_size=group_size, online_rotation=True)
+    lsq = RotatedQuantLinear.from_linear(linear, w_group_size=group_size, online_rotation=True, w_learnable_scale=True)
+    assert plain.weight_scale is None and "weight_scale" not in dict(plain.named_parameters())
+    assert lsq.weight_scale.shape == (12, 1 if group_size is None else 2)
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(lsq(x), plain(x), rtol=0, atol=1e-6)  # the same scale to start with
+    lsq(x).square().sum().backward()
+    assert lsq.weight_scale.grad is not None and lsq.weight_scale.grad.abs().sum() > 0
+    assert lsq.weight.grad is not None
+    before = lsq.weight_scale.detach().clone()
+    opt = torch.optim.SGD(lsq.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        lsq(x).square().sum().backward()
+        opt.step()
+    assert not torch.equal(lsq.weight_scale.detach(), before)
+    # The export packs with the learned scale: the same outputs as the fake-quant layer.
+    exported = lsq.export()
+    assert torch.equal(exported.scale, lsq._weight_scale().detach())
+    torch.testing.assert_close(exported(x), lsq(x).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_learnable_scale_needs_symmetric_quantized_weights():
+    with pytest.raises(ValueError, match="w_learnable_scale needs"):
+        RotatedQuantLinear(16, 4, w_symmetric=False, w_learnable_scale=True)
+    with pytest.raises(ValueError, match="w_learnable_scale needs"):
+        RotatedQuantLinear(16, 4, w_bits=None, w_learnable_scale=True)
+    import ftcore
+
+    with pytest.raises(ValueError, match="w_learnable_scale needs"):
+        ftcore.QuantConfig(w_learnable_scale=True)  # the default weights are asymmetric
+    assert ftcore.QuantConfig(w_symmetric=True, w_learnable_scale=True).w_learnable_scale

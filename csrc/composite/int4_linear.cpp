@@ -1,7 +1,8 @@
 // int4_linear: input · dequant(W)ᵀ + bias for an int4 weight (layout in include/ftcore/quant.h), written once
 // against ATen for both devices. The weight is dequantized a block of output rows at a time, in the input's
 // dtype, into a buffer sized to stay in cache, and multiplied by the vendor GEMM: the full-precision weight is
-// never formed, and the GEMM does the arithmetic it is best at.
+// never formed, and the GEMM does the arithmetic it is best at. A handful of rows on the CPU (decode) go to a
+// matrix-vector kernel that reads the packed weight once instead (cpu/isa, int4_gemv).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -13,6 +14,11 @@
 namespace ftcore {
 
 namespace {
+
+// Input rows up to which the CPU takes the matrix-vector path. Its cost grows with the rows while the GEMM path
+// pays a fixed dequantization; on a 2-core AVX-512 machine at 4096×4096 they cross near 64 rows (bench
+// bench_quant_model.py prints both at batch 1).
+constexpr int64_t kInt4GemvRows = 32;
 
 at::Tensor dequantize_int4(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero,
                            int64_t group_size, at::ScalarType dtype) {
@@ -41,7 +47,17 @@ at::Tensor int4_linear(const at::Tensor& input, const at::Tensor& packed, const 
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, op, ": bias must have shape (", out, "), got ",
                       bias->sizes());
   }
+  const int64_t g = group_size > 0 ? group_size : in;
   const auto x = as_rows(input);
+  // Decode (a few rows on the CPU): one pass over the packed weight beats dequantizing it for a GEMM that then
+  // does almost no arithmetic per weight. float64 keeps the GEMM path, whose arithmetic is in float64.
+  if (input.is_cpu() && x.size(0) <= kInt4GemvRows && input.scalar_type() != at::kDouble) {
+    auto y = at::empty({x.size(0), out}, input.options().dtype(at::kFloat));
+    if (y.numel() > 0) int4_gemv_cpu(x, packed, scale, zero_point, g, y);
+    auto result = y.to(input.scalar_type());
+    if (bias) result.add_(*bias);
+    return result.view(with_last_dim(input, out));
+  }
   auto result = at::empty({x.size(0), out}, input.options());
   // About 2^20 dequantized weights a block (4 MB in fp32): large enough for an efficient GEMM, small enough for L2.
   const int64_t block = std::max<int64_t>(64, (int64_t(1) << 20) / std::max<int64_t>(in, 1));

@@ -440,6 +440,26 @@ at::Tensor dequantize_int4_cpu(const at::Tensor& packed, const at::Tensor& scale
   return result;
 }
 
+void int4_gemv_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                   const at::Tensor& zero_point, int64_t group_size, at::Tensor& out) {
+  const int64_t m = x.size(0), in = x.size(1), rows = packed.size(0);
+  const bool blocked = in % cpu::kInt4GemvBlock == 0 && group_size % 8 == 0;
+  const auto xf = x.to(at::kFloat);
+  const auto xs = blocked ? xf.view({m, in / cpu::kInt4GemvBlock, 16, 8}).transpose(2, 3).contiguous()
+                          : xf.contiguous();
+  const auto p = packed.contiguous(), s = scale.contiguous(), z = zero_point.contiguous();
+  const uint8_t* pp = p.data_ptr<uint8_t>();
+  const float* sp = s.data_ptr<float>();
+  const uint8_t* zp = z.data_ptr<uint8_t>();
+  const float* xp = xs.data_ptr<float>();
+  float* yp = out.data_ptr<float>();
+  const auto& kern = cpu::active_kernels();
+  // A task reads at least 64 KB of packed weight, so the thread start-up stays small beside it.
+  at::parallel_for(0, rows, std::max<int64_t>(1, 131072 / std::max<int64_t>(in, 1)), [&](int64_t r0, int64_t r1) {
+    kern.int4_gemv(pp, sp, zp, in, group_size, blocked, xp, m, r0, r1, yp, rows);
+  });
+}
+
 TORCH_LIBRARY_IMPL(ftcore, CPU, m) {
   m.impl("hadamard_transform", &hadamard_transform_cpu);
   m.impl("fake_quantize", &fake_quantize_cpu);

@@ -1,20 +1,28 @@
 // CUDA kernels of the rotation and quantization ops (contract in include/ftcore/quant.h).
 //
-// Row kernels: one block per row. The row is read once (coalesced along the last dim) into shared memory in the
-// accumulation type, transformed there — the butterflies of H_P stage by stage, then the K×K mix into a second
+// Row kernels: a block works on one row at a time (grid-stride over the rows). The row is read once (coalesced
+// along the last dim) into a row buffer in the accumulation type, transformed there — the butterflies of H_P stage by stage, then the K×K mix into a second
 // buffer — and written once, either as is (hadamard_transform) or fake-quantized group by group with block-wide
 // reductions (rotate_fake_quantize, fake_quantize); the fused op also writes the straight-through mask, one bit
 // an element (warp ballots), so its backward reads dy and the bits once, applies the transposed rotation and
 // writes dx once.
 //
-// Shared memory holds n (K = 1) or 2n (K > 1) accumulation values a row; sizes beyond the device's per-block
-// limit (float32 K > 1 past n ≈ 29000, float64 past half that) are refused with a clear error.
+// A row takes n (K = 1) or 2n (K > 1) accumulation values. They live in shared memory when they fit beside the
+// kernel's static shared memory within the device's opt-in limit (float32 K > 1 up to n ≈ 29000 on an H100,
+// ≈ 20800 on an A100; float64 half that); larger rows (Qwen2-72B's 29,568, Llama-3-70B's 28,672 on an A100) run
+// the same code on a global-memory workspace, one row buffer per block of a grid of two blocks an SM (rotation_row_storage in
+// include/ftcore/quant.h decides, row_launch below applies it). The opt-in attribute is set once per kernel and
+// device, under a lock: setting it on every call raced between threads.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "ftcore/checks.h"
 #include "ftcore/dispatch.h"
@@ -145,61 +153,81 @@ __device__ void load_row(const scalar_t* x, int64_t stride, int64_t n, acc_t* bu
   __syncthreads();
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void hadamard_kernel(const scalar_t* __restrict__ x, int64_t rs, int64_t cs, RotationArgs<acc_t> r,
-                                bool transpose, scalar_t* __restrict__ y) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  acc_t* buf = reinterpret_cast<acc_t*>(smem);
-  const int64_t row = blockIdx.x;
-  load_row(x + row * rs, cs, r.n, buf);
-  const acc_t* out = rotate_row(buf, buf + r.n, r, transpose);
-  for (int64_t i = threadIdx.x; i < r.n; i += blockDim.x) y[row * r.n + i] = static_cast<scalar_t>(out[i]);
+// The row buffer of this block: dynamic shared memory, or this block's slice of the global workspace.
+template <typename acc_t>
+__device__ acc_t* row_buffer(unsigned char* smem, acc_t* workspace, int64_t width) {
+  return workspace ? workspace + static_cast<int64_t>(blockIdx.x) * width : reinterpret_cast<acc_t*>(smem);
 }
 
+// Row kernels loop over rows (grid-stride): the shared path launches a block a row, the global path only as many
+// blocks as have a workspace slice. Each row ends with a barrier, so the next row's load never overwrites a
+// buffer another thread still reads.
 template <typename scalar_t, typename acc_t>
-__global__ void rotate_fake_quantize_kernel(const scalar_t* __restrict__ x, int64_t rs, int64_t cs,
-                                            RotationArgs<acc_t> r, int64_t group_size, QuantRange range,
-                                            bool symmetric, float clip, float* __restrict__ scale,
-                                            float* __restrict__ zero, scalar_t* __restrict__ y,
-                                            uint8_t* __restrict__ mask) {
+__global__ void hadamard_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t rs, int64_t cs,
+                                RotationArgs<acc_t> r, bool transpose, scalar_t* __restrict__ y,
+                                acc_t* __restrict__ workspace, int64_t width) {
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ float scratch[32];
-  acc_t* buf = reinterpret_cast<acc_t*>(smem);
-  const int64_t row = blockIdx.x, groups = r.n / group_size, mask_bytes = (r.n + 7) / 8;
-  load_row(x + row * rs, cs, r.n, buf);
-  const acc_t* rotated = rotate_row(buf, buf + r.n, r, false);
-  quantize_row(rotated, 1, group_size, groups, range, symmetric, clip, false, 1, scale + row * groups,
-               zero + row * groups, y + row * r.n, scratch);
-  __syncthreads();  // the group parameters (written by thread 0) are visible to the block
-  // The straight-through bits: a warp covers 32 consecutive elements (blockDim is a multiple of 32), so one
-  // ballot is four bytes of the mask.
-  const int64_t words = (r.n + 31) / 32;
-  for (int64_t i = threadIdx.x; i < words * 32; i += blockDim.x) {
-    bool inside = false;
-    if (i < r.n) {
-      const int64_t at = row * groups + i / group_size;
-      inside = quant_inside(quant_level(rotated[i], scale[at], zero[at]), range);
-    }
-    const unsigned ballot = __ballot_sync(0xffffffffu, inside);
-    if ((threadIdx.x & 31) == 0)
-      for (int64_t b = 0; b < 4 && i / 8 + b < mask_bytes; ++b)
-        mask[row * mask_bytes + i / 8 + b] = static_cast<uint8_t>(ballot >> (8 * b));
+  acc_t* buf = row_buffer(smem, workspace, width);
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    load_row(x + row * rs, cs, r.n, buf);
+    const acc_t* out = rotate_row(buf, buf + r.n, r, transpose);
+    for (int64_t i = threadIdx.x; i < r.n; i += blockDim.x) y[row * r.n + i] = static_cast<scalar_t>(out[i]);
+    __syncthreads();
   }
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void rotate_fake_quantize_backward_kernel(const scalar_t* __restrict__ dy, int64_t gr, int64_t gc,
-                                                     const uint8_t* __restrict__ mask, RotationArgs<acc_t> r,
-                                                     scalar_t* __restrict__ dx) {
+__global__ void rotate_fake_quantize_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t rs, int64_t cs,
+                                            RotationArgs<acc_t> r, int64_t group_size, QuantRange range,
+                                            bool symmetric, float clip, float* __restrict__ scale,
+                                            float* __restrict__ zero, scalar_t* __restrict__ y,
+                                            uint8_t* __restrict__ mask, acc_t* __restrict__ workspace,
+                                            int64_t width) {
   extern __shared__ __align__(16) unsigned char smem[];
-  acc_t* buf = reinterpret_cast<acc_t*>(smem);
-  const int64_t row = blockIdx.x, mask_bytes = (r.n + 7) / 8;
-  for (int64_t i = threadIdx.x; i < r.n; i += blockDim.x)
-    buf[i] = ((mask[row * mask_bytes + (i >> 3)] >> (i & 7)) & 1) ? static_cast<acc_t>(dy[row * gr + i * gc])
-                                                                  : acc_t(0);
-  __syncthreads();
-  const acc_t* out = rotate_row(buf, buf + r.n, r, true);
-  for (int64_t i = threadIdx.x; i < r.n; i += blockDim.x) dx[row * r.n + i] = static_cast<scalar_t>(out[i]);
+  __shared__ float scratch[32];
+  acc_t* buf = row_buffer(smem, workspace, width);
+  const int64_t groups = r.n / group_size, mask_bytes = (r.n + 7) / 8;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    load_row(x + row * rs, cs, r.n, buf);
+    const acc_t* rotated = rotate_row(buf, buf + r.n, r, false);
+    quantize_row(rotated, 1, group_size, groups, range, symmetric, clip, false, 1, scale + row * groups,
+                 zero + row * groups, y + row * r.n, scratch);
+    __syncthreads();  // the group parameters (written by thread 0) are visible to the block
+    // The straight-through bits: a warp covers 32 consecutive elements (blockDim is a multiple of 32), so one
+    // ballot is four bytes of the mask.
+    const int64_t words = (r.n + 31) / 32;
+    for (int64_t i = threadIdx.x; i < words * 32; i += blockDim.x) {
+      bool inside = false;
+      if (i < r.n) {
+        const int64_t at = row * groups + i / group_size;
+        inside = quant_inside(quant_level(rotated[i], scale[at], zero[at]), range);
+      }
+      const unsigned ballot = __ballot_sync(0xffffffffu, inside);
+      if ((threadIdx.x & 31) == 0)
+        for (int64_t b = 0; b < 4 && i / 8 + b < mask_bytes; ++b)
+          mask[row * mask_bytes + i / 8 + b] = static_cast<uint8_t>(ballot >> (8 * b));
+    }
+    __syncthreads();
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void rotate_fake_quantize_backward_kernel(const scalar_t* __restrict__ dy, int64_t rows, int64_t gr,
+                                                     int64_t gc, const uint8_t* __restrict__ mask,
+                                                     RotationArgs<acc_t> r, scalar_t* __restrict__ dx,
+                                                     acc_t* __restrict__ workspace, int64_t width) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  acc_t* buf = row_buffer(smem, workspace, width);
+  const int64_t mask_bytes = (r.n + 7) / 8;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    for (int64_t i = threadIdx.x; i < r.n; i += blockDim.x)
+      buf[i] = ((mask[row * mask_bytes + (i >> 3)] >> (i & 7)) & 1) ? static_cast<acc_t>(dy[row * gr + i * gc])
+                                                                    : acc_t(0);
+    __syncthreads();
+    const acc_t* out = rotate_row(buf, buf + r.n, r, true);
+    for (int64_t i = threadIdx.x; i < r.n; i += blockDim.x) dx[row * r.n + i] = static_cast<scalar_t>(out[i]);
+    __syncthreads();
+  }
 }
 
 template <typename scalar_t>
@@ -309,18 +337,50 @@ __global__ void dequantize_int4_kernel(const uint8_t* __restrict__ packed, const
 constexpr int kThreads = 256;
 inline int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
 
-// Dynamic shared memory of a row kernel: n (or 2n when K > 1) accumulation values, within the device's limit.
-template <typename acc_t, typename Kernel>
-size_t row_smem(Kernel kernel, int64_t n, int64_t k, const char* op) {
-  const size_t bytes = static_cast<size_t>(n) * (k > 1 ? 2 : 1) * sizeof(acc_t);
+// A row kernel's static shared memory on the current device, read once per kernel and device; its dynamic limit
+// is raised to all the opt-in memory left beside it at the same time, so no later launch sets an attribute.
+int64_t row_kernel_static_smem(const void* kernel) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int64_t> known;
+  int device;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto it = known.find({kernel, device});
+  if (it != known.end()) return it->second;
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  const int64_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  const int64_t room = optin - static_cast<int64_t>(attr.sharedSizeBytes);
+  if (room > attr.maxDynamicSharedSizeBytes)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(room)));
+  known.emplace(std::make_pair(kernel, device), static_cast<int64_t>(attr.sharedSizeBytes));
+  return attr.sharedSizeBytes;
+}
+
+// How a row kernel is launched for `rows` rows of n values: grid, dynamic shared memory, and the global workspace
+// (empty on the shared path).
+template <typename acc_t>
+struct RowLaunch {
+  unsigned grid;
+  size_t smem;
+  int64_t width;  // accumulation values a row buffer holds
+  at::Tensor workspace;
+  acc_t* workspace_ptr() { return workspace.defined() ? workspace.data_ptr<acc_t>() : nullptr; }
+};
+
+template <typename acc_t>
+RowLaunch<acc_t> row_launch(const void* kernel, int64_t rows, int64_t n, int64_t k, const at::Tensor& like) {
   const auto* prop = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK_VALUE(bytes <= prop->sharedMemPerBlockOptin, op, ": a row of ", n, " elements needs ", bytes,
-                    " bytes of shared memory in ", sizeof(acc_t) == 8 ? "float64" : "float32",
-                    " on CUDA, over this GPU's ", prop->sharedMemPerBlockOptin,
-                    " per block; use block_size= for a block-diagonal rotation");
-  if (bytes > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  return bytes;
+  const int64_t width = rotation_row_bytes(n, k, 1);
+  const auto where = rotation_row_storage(n, k, sizeof(acc_t), row_kernel_static_smem(kernel),
+                                          prop->sharedMemPerBlockOptin);
+  constexpr int64_t kMaxGrid = 1 << 30;  // rows past it are covered by the grid-stride loop
+  if (where == RowStorage::Shared)
+    return {static_cast<unsigned>(std::min(rows, kMaxGrid)), static_cast<size_t>(width) * sizeof(acc_t), width, {}};
+  // Two blocks an SM keep the workspace (a row buffer a block) a few times the L2, not rows times the row.
+  const int64_t grid = std::min<int64_t>(rows, 2 * prop->multiProcessorCount);
+  auto workspace = at::empty({grid, width}, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  return {static_cast<unsigned>(grid), 0, width, workspace};
 }
 
 template <typename acc_t>
@@ -355,9 +415,10 @@ at::Tensor hadamard_transform_cuda(const at::Tensor& input, const std::optional<
     at::Tensor h_keep, s_keep;
     const auto r = rotation_args<acc_t>(n, k, hadamard_k, signs, scale, h_keep, s_keep);
     const auto kernel = hadamard_kernel<scalar_t, acc_t>;
-    const size_t smem = row_smem<acc_t>(kernel, n, k, op);
-    kernel<<<x.size(0), threads_for(n), smem, at::cuda::getCurrentCUDAStream()>>>(
-        x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), r, transpose, result.data_ptr<scalar_t>());
+    auto launch = row_launch<acc_t>(reinterpret_cast<const void*>(kernel), x.size(0), n, k, input);
+    kernel<<<launch.grid, threads_for(n), launch.smem, at::cuda::getCurrentCUDAStream()>>>(
+        x.data_ptr<scalar_t>(), x.size(0), x.stride(0), x.stride(1), r, transpose, result.data_ptr<scalar_t>(),
+        launch.workspace_ptr(), launch.width);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return result;
@@ -441,11 +502,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rotate_fake_quantize_
     at::Tensor h_keep, s_keep;
     const auto r = rotation_args<acc_t>(g.n, k, hadamard_k, signs, scale, h_keep, s_keep);
     const auto kernel = rotate_fake_quantize_kernel<scalar_t, acc_t>;
-    const size_t smem = row_smem<acc_t>(kernel, g.n, k, op);
-    kernel<<<g.rows, threads_for(g.n), smem, at::cuda::getCurrentCUDAStream()>>>(
-        x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), r, g.group_size, quant_range(bits, symmetric), symmetric,
-        static_cast<float>(clip_ratio), qscale.data_ptr<float>(), zero.data_ptr<float>(), result.data_ptr<scalar_t>(),
-        mask.data_ptr<uint8_t>());
+    auto launch = row_launch<acc_t>(reinterpret_cast<const void*>(kernel), g.rows, g.n, k, input);
+    kernel<<<launch.grid, threads_for(g.n), launch.smem, at::cuda::getCurrentCUDAStream()>>>(
+        x.data_ptr<scalar_t>(), g.rows, x.stride(0), x.stride(1), r, g.group_size, quant_range(bits, symmetric),
+        symmetric, static_cast<float>(clip_ratio), qscale.data_ptr<float>(), zero.data_ptr<float>(),
+        result.data_ptr<scalar_t>(), mask.data_ptr<uint8_t>(), launch.workspace_ptr(), launch.width);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {result, qscale, zero, mask};
@@ -468,9 +529,10 @@ at::Tensor rotate_fake_quantize_backward_cuda(const at::Tensor& grad, const at::
     at::Tensor h_keep, s_keep;
     const auto r = rotation_args<acc_t>(n, k, hadamard_k, signs, scale, h_keep, s_keep);
     const auto kernel = rotate_fake_quantize_backward_kernel<scalar_t, acc_t>;
-    const size_t smem = row_smem<acc_t>(kernel, n, k, op);
-    kernel<<<dy.size(0), threads_for(n), smem, at::cuda::getCurrentCUDAStream()>>>(
-        dy.data_ptr<scalar_t>(), dy.stride(0), dy.stride(1), m_c.data_ptr<uint8_t>(), r, result.data_ptr<scalar_t>());
+    auto launch = row_launch<acc_t>(reinterpret_cast<const void*>(kernel), dy.size(0), n, k, grad);
+    kernel<<<launch.grid, threads_for(n), launch.smem, at::cuda::getCurrentCUDAStream()>>>(
+        dy.data_ptr<scalar_t>(), dy.size(0), dy.stride(0), dy.stride(1), m_c.data_ptr<uint8_t>(), r,
+        result.data_ptr<scalar_t>(), launch.workspace_ptr(), launch.width);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return result;

@@ -11,7 +11,9 @@ straight-through gradient. ``export()`` packs the weight to int4 with the same r
 reproduces this one's outputs up to float rounding.
 """
 
-from typing import Optional
+import contextlib
+import math
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,42 @@ from torch import Tensor, nn
 from .. import ops
 from ..hadamard import hadamard_factors, random_signs
 
-__all__ = ["RotatedQuantLinear", "Int4Linear"]
+__all__ = ["RotatedQuantLinear", "Int4Linear", "QuantErrorLog", "optional_bits"]
+
+
+def optional_bits(bits, name: str) -> Optional[int]:
+    """A quantizer's bit width: 2–8, or None / 16 for no quantization (full precision)."""
+    if bits is None or (bits == 16 and not isinstance(bits, bool)):
+        return None
+    return ops._check_bits(bits, name)
+
+
+class QuantErrorLog:
+    """Mean squared quantization errors by name, summed over the forwards run inside ``recording()``: what
+    ftcore's adaptive rotation compares (RoSTE's lower level). Layers and attention report into the active log
+    only when they carry an ``error_name``."""
+
+    active: Optional["QuantErrorLog"] = None
+
+    def __init__(self):
+        self.sums: Dict[Tuple, list] = {}
+
+    def add(self, name: Tuple, exact: Tensor, quantized: Tensor) -> None:
+        entry = self.sums.setdefault(name, [0.0, 0])
+        entry[0] += float((quantized.detach().double() - exact.detach().double()).square().sum())
+        entry[1] += exact.numel()
+
+    def mean(self, name: Tuple) -> float:
+        total, count = self.sums[name]
+        return total / count
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator["QuantErrorLog"]:
+        previous, QuantErrorLog.active = QuantErrorLog.active, self
+        try:
+            yield self
+        finally:
+            QuantErrorLog.active = previous
 
 
 def _granularity(name: str, group_size: Optional[int], per_row: str) -> tuple:
@@ -43,6 +80,14 @@ class _Quantizer:
             raise ValueError(f"a_group_size ({a_group_size}) must divide in_features ({in_features})")
         self.online_rotation = online_rotation
 
+    def settings(self) -> dict:
+        return dict(a_bits=self.a_bits, a_group_size=self.a_group_size, a_symmetric=self.a_symmetric,
+                    a_clip_ratio=self.a_clip_ratio, online_rotation=self.online_rotation)
+
+    def exact(self, x: Tensor, signs: Optional[Tensor]) -> Tensor:
+        """The activation before its quantization (rotated when the rotation is online)."""
+        return ops.hadamard_transform(x, signs=signs) if self.online_rotation else x
+
     def __call__(self, x: Tensor, signs: Optional[Tensor]) -> Tensor:
         if self.online_rotation and self.a_bits is not None:
             return ops.rotate_fake_quantize(
@@ -58,15 +103,22 @@ class _Quantizer:
 class RotatedQuantLinear(nn.Module):
     """Drop-in for ``nn.Linear`` in quantization-aware fine-tuning.
 
-    w_bits / a_bits: weight / input-activation bits (2–8; a_bits=None leaves activations in full precision).
+    w_bits / a_bits: weight / input-activation bits (2–8; None or 16 leaves that side in full precision).
     w_group_size: None for one scale per output channel, else per group of that many input columns.
     a_group_size: None for one scale per token, else per group. *_symmetric, *_clip_ratio: as ops.fake_quantize.
     online_rotation: rotate the input by R = H·diag(s)/√in at run time (fused with its fake quantization) and fold
         Rᵀ into the weight once; in_features must be a supported Hadamard size (ftcore.hadamard.is_supported).
     rotation_seed: the seed of the random ±1 diagonal s (None: no signs, the plain Hadamard matrix).
+    w_learnable_scale: learn the weight's quantization scale (LSQ, Esser et al.) as ``weight_scale`` (rows ×
+        groups, float32), initialised to the min/max scale the layer would use otherwise; needs w_symmetric. Its
+        gradient is scaled by LSQ's 1/√(elements per scale · q_max), and the export packs with the learned scale.
 
-    ``weight`` is the fp32 master (in the rotated basis when online_rotation); ``bias`` stays as given.
+    ``weight`` is the fp32 master (fp64 for a float64 layer; in the rotated basis when online_rotation);
+    ``bias`` stays as given. ``error_name``, when set, names the layer's weight and input quantization errors in
+    the active QuantErrorLog.
     """
+
+    error_name: Optional[Tuple] = None
 
     def __init__(
         self,
@@ -74,7 +126,7 @@ class RotatedQuantLinear(nn.Module):
         out_features: int,
         bias: bool = True,
         *,
-        w_bits: int = 4,
+        w_bits: Optional[int] = 4,
         a_bits: Optional[int] = 4,
         w_group_size: Optional[int] = None,
         a_group_size: Optional[int] = None,
@@ -84,29 +136,58 @@ class RotatedQuantLinear(nn.Module):
         a_clip_ratio: float = 1.0,
         online_rotation: bool = False,
         rotation_seed: Optional[int] = 0,
+        w_learnable_scale: bool = False,
         device=None,
         dtype=None,
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.w_bits = ops._check_bits(w_bits, "w_bits")  # the weight is always fake-quantized
+        self.w_bits = optional_bits(w_bits, "w_bits")
         self.w_granularity, self.w_group_size = _granularity("w_group_size", w_group_size, "channel")
         if w_group_size is not None and in_features % w_group_size:
             raise ValueError(f"w_group_size ({w_group_size}) must divide in_features ({in_features})")
         self.w_symmetric, self.w_clip_ratio = w_symmetric, w_clip_ratio
         self.quantizer = _Quantizer(
-            in_features, None if a_bits is None else ops._check_bits(a_bits, "a_bits"), a_group_size, a_symmetric,
-            a_clip_ratio, online_rotation
+            in_features, optional_bits(a_bits, "a_bits"), a_group_size, a_symmetric, a_clip_ratio, online_rotation
         )
         if online_rotation:
             hadamard_factors(in_features)  # a clear error now for a size with no Hadamard matrix
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=torch.float32))
+        master = torch.float64 if dtype == torch.float64 else torch.float32
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=master))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         self.register_buffer(
             "rotation_signs",
             random_signs(in_features, rotation_seed, device=device) if online_rotation and rotation_seed is not None else None,
         )
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        if not isinstance(w_learnable_scale, bool):
+            raise ValueError(f"w_learnable_scale must be a bool, got {w_learnable_scale!r}")
+        if w_learnable_scale and (self.w_bits is None or not w_symmetric):
+            raise ValueError("w_learnable_scale needs quantized (w_bits 2–8), symmetric (w_symmetric=True) weights: "
+                             "LSQ learns a scale, not a zero point")
+        groups = 1 if w_group_size is None else in_features // w_group_size
+        self.weight_scale = (
+            nn.Parameter(torch.ones(out_features, groups, device=device, dtype=torch.float32)) if w_learnable_scale else None
+        )
+        self.reset_weight_scale()
+
+    @torch.no_grad()
+    def reset_weight_scale(self) -> None:
+        """The learnable scale set to the min/max scale of the current master weight (a no-op without one)."""
+        if self.weight_scale is not None:
+            _, scale, _ = ops.fake_quantize(self.weight, self.w_bits, True, self.w_granularity, self.w_group_size,
+                                            self.w_clip_ratio, return_params=True)
+            self.weight_scale.copy_(scale)
+
+    def _weight_scale(self) -> Optional[Tensor]:
+        """The learnable scale as the quantizer takes it: the parameter's value, its gradient scaled by LSQ's
+        1/√(elements per scale · q_max) (so its step is of the weights' order); floored above zero."""
+        if self.weight_scale is None:
+            return None
+        per_scale = self.in_features // self.weight_scale.shape[1]
+        g = 1.0 / math.sqrt(per_scale * (2 ** (self.w_bits - 1) - 1))
+        s = self.weight_scale
+        return (s * g + s.detach() * (1 - g)).clamp_min(1e-12)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **config) -> "RotatedQuantLinear":
@@ -118,19 +199,32 @@ class RotatedQuantLinear(nn.Module):
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device=w.device,
                     dtype=w.dtype, **config)
         with torch.no_grad():
-            master = w.detach().float()
+            master = w.detach()
             if layer.quantizer.online_rotation:
-                # (W·Rᵀ)[o, :] = R·W[o, :]: the rotation of each row, once.
-                master = ops.hadamard_transform(master, signs=layer.rotation_signs)
+                # (W·Rᵀ)[o, :] = R·W[o, :]: the rotation of each row, once, computed in float64.
+                master = ops.hadamard_transform(master.double(), signs=layer.rotation_signs)
             layer.weight.copy_(master)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
+        layer.reset_weight_scale()
         return layer
 
+    def settings(self) -> dict:
+        """The constructor's arguments (what ftcore.save_quantized records to rebuild the layer; the signs
+        themselves are a buffer of the saved state)."""
+        return dict(in_features=self.in_features, out_features=self.out_features, bias=self.bias is not None,
+                    w_bits=self.w_bits, w_group_size=self.w_group_size, w_symmetric=self.w_symmetric,
+                    w_clip_ratio=self.w_clip_ratio, rotation_seed=0 if self.rotation_signs is not None else None,
+                    w_learnable_scale=self.weight_scale is not None, **self.quantizer.settings())
+
     def quantized_weight(self) -> Tensor:
-        """The fake-quantized master weight (fp32) the forward uses; differentiable (straight-through)."""
+        """The fake-quantized master weight the forward uses; differentiable (straight-through). The master
+        itself when w_bits is None."""
+        if self.w_bits is None:
+            return self.weight
         return ops.fake_quantize(
-            self.weight, self.w_bits, self.w_symmetric, self.w_granularity, self.w_group_size, self.w_clip_ratio
+            self.weight, self.w_bits, self.w_symmetric, self.w_granularity, self.w_group_size, self.w_clip_ratio,
+            scale=self._weight_scale(),
         )
 
     def unrotated_weight(self) -> Tensor:
@@ -141,9 +235,13 @@ class RotatedQuantLinear(nn.Module):
         return w
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.quantizer(x, self.rotation_signs)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.quantized_weight().to(x.dtype), bias)
+        xq, w = self.quantizer(x, self.rotation_signs), self.quantized_weight()
+        log = QuantErrorLog.active
+        if log is not None and self.error_name is not None:
+            log.add((*self.error_name, "weight"), self.weight, w)
+            log.add((*self.error_name, "input"), self.quantizer.exact(x, self.rotation_signs), xq)
+        bias = None if self.bias is None else self.bias.to(xq.dtype)
+        return F.linear(xq, w.to(xq.dtype), bias)
 
     @torch.no_grad()
     def export(self) -> "Int4Linear":
@@ -153,8 +251,25 @@ class RotatedQuantLinear(nn.Module):
             raise ValueError(f"export() packs 4-bit weights; this layer has w_bits={self.w_bits}")
         if self.in_features % 2:
             raise ValueError(f"export() needs an even in_features to pack two codes a byte, got {self.in_features}")
-        packed, scale, zero = ops.quantize_int4(self.weight, self.w_group_size, self.w_symmetric, self.w_clip_ratio)
-        return Int4Linear(self, packed, scale, zero)
+        if self.weight_scale is None:
+            packed, scale, zero = ops.quantize_int4(self.weight, self.w_group_size, self.w_symmetric, self.w_clip_ratio)
+        else:  # the learned scale: codes = level + 8 (symmetric int4), the same levels the forward rounds to
+            scale = self._weight_scale().detach()
+            levels = ops.fake_quantize(self.weight, 4, True, self.w_granularity, self.w_group_size, scale=scale)
+            levels = (levels.unflatten(1, (scale.shape[1], -1)) / scale.unsqueeze(-1)).round().flatten(1)
+            packed = ops.pack_int4((levels + 8).to(torch.uint8))
+            zero = torch.full_like(scale, 8, dtype=torch.uint8)
+        layer = Int4Linear(self.in_features, self.out_features, self.bias is not None, group_size=self.w_group_size,
+                           rotation_signs=self.rotation_signs is not None, device=self.weight.device,
+                           dtype=self.weight.dtype if self.bias is None else self.bias.dtype, **self.quantizer.settings())
+        layer.packed.copy_(packed)
+        layer.scale.copy_(scale)
+        layer.zero_point.copy_(zero)
+        if self.bias is not None:
+            layer.bias.copy_(self.bias)
+        if self.rotation_signs is not None:
+            layer.rotation_signs.copy_(self.rotation_signs)
+        return layer
 
     def extra_repr(self) -> str:
         q = self.quantizer
@@ -167,21 +282,47 @@ class RotatedQuantLinear(nn.Module):
 
 class Int4Linear(nn.Module):
     """An exported RotatedQuantLinear: int4 weight (layout in csrc/include/ftcore/quant.h) with float32 scales
-    and uint8 zero points, multiplied by ``ops.int4_linear`` (dequantized a block at a time); activations are
-    rotated and fake-quantized exactly as in training. Inference only."""
+    and uint8 zero points, multiplied by ``ops.int4_linear`` (on the CPU a matrix-vector kernel for up to 32 rows,
+    otherwise dequantized a block at a time for a GEMM); activations are rotated and fake-quantized exactly as in
+    training. Inference only."""
 
-    def __init__(self, source: RotatedQuantLinear, packed: Tensor, scale: Tensor, zero_point: Tensor):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        group_size: Optional[int] = None,
+        a_bits: Optional[int] = 4,
+        a_group_size: Optional[int] = None,
+        a_symmetric: bool = True,
+        a_clip_ratio: float = 1.0,
+        online_rotation: bool = False,
+        rotation_signs: bool = False,
+        device=None,
+        dtype=torch.float32,
+    ):
+        """An empty (zero) layer of this shape and configuration; ``RotatedQuantLinear.export()`` and
+        ``ftcore.load_quantized`` fill it."""
         super().__init__()
-        self.in_features, self.out_features = source.in_features, source.out_features
-        self.group_size = source.w_group_size
-        self.quantizer = source.quantizer
-        self.register_buffer("packed", packed)
-        self.register_buffer("scale", scale)
-        self.register_buffer("zero_point", zero_point)
-        self.register_buffer("bias", None if source.bias is None else source.bias.detach().clone())
-        self.register_buffer(
-            "rotation_signs", None if source.rotation_signs is None else source.rotation_signs.clone()
-        )
+        if in_features % 2:
+            raise ValueError(f"Int4Linear packs two codes a byte: in_features must be even, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size = _granularity("group_size", group_size, "channel")[1]
+        groups = 1 if group_size is None else in_features // group_size
+        self.quantizer = _Quantizer(in_features, optional_bits(a_bits, "a_bits"), a_group_size, a_symmetric,
+                                    a_clip_ratio, online_rotation)
+        self.register_buffer("packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scale", torch.ones(out_features, groups, dtype=torch.float32, device=device))
+        self.register_buffer("zero_point", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("rotation_signs", torch.ones(in_features, device=device) if rotation_signs else None)
+
+    def settings(self) -> dict:
+        """The constructor's arguments (what ftcore.save_quantized records to rebuild the layer)."""
+        return dict(in_features=self.in_features, out_features=self.out_features, bias=self.bias is not None,
+                    group_size=self.group_size, rotation_signs=self.rotation_signs is not None,
+                    **self.quantizer.settings())
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.quantizer(x, self.rotation_signs)

@@ -76,7 +76,17 @@ struct Kernels {
   // one-hot term, so no label is ever used as an address unchecked.
   void (*softmax_grad_rows)(Elem acc, void* logits, int64_t vocab, int64_t rows, const void* lse, const void* coef,
                             const int64_t* labels);
+
+  // int4 weights (layout in include/ftcore/quant.h): y[b · y_stride + r] = Σ_c dequant(W)[r, c] · x[b, c] for the
+  // m input rows and the weight rows [r0, r1). xs holds the input rows in float: `blocked` (needs in % 128 == 0
+  // and group_size % 8 == 0) in the layout int4_gemv_input_layout describes, otherwise as they are.
+  void (*int4_gemv)(const uint8_t* packed, const float* scale, const uint8_t* zero, int64_t in, int64_t group_size,
+                    bool blocked, const float* xs, int64_t m, int64_t r0, int64_t r1, float* y, int64_t y_stride);
 };
+
+// The blocked input layout of int4_gemv: xs[b · in + 128·blk + 16·s + w] = x[b, 128·blk + 8·w + s] (w < 16, s < 8),
+// the order the nibbles of 64 packed bytes come out of one 16-lane word vector.
+constexpr int64_t kInt4GemvBlock = 128;
 
 // Panel widths (tokens per chunk) the inner loops are compiled for: compile-time widths let the compiler keep
 // a whole panel row in registers.

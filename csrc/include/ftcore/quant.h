@@ -153,4 +153,18 @@ void check_mask(const at::Tensor& mask, const at::Tensor& grad, const char* op);
 int64_t check_int4_args(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero,
                         int64_t group_size, const char* op);
 
+// Where a CUDA rotation row kernel keeps the row it transforms: n accumulation values (2n when k > 1: the K×K
+// mix needs a second buffer) of acc_bytes each. Shared memory when they fit beside the kernel's own static
+// shared memory within the device's opt-in per-block limit; otherwise a global-memory workspace (every size
+// works, at global-memory speed). A pure function of the numbers so the choice can be tested without a GPU.
+enum class RowStorage { Shared, Global };
+int64_t rotation_row_bytes(int64_t n, int64_t k, int64_t acc_bytes);
+RowStorage rotation_row_storage(int64_t n, int64_t k, int64_t acc_bytes, int64_t static_smem_bytes,
+                                int64_t optin_smem_bytes);
+
+// out (m, rows) float32 = x (m, in) · dequant(W)ᵀ on the CPU without forming the dequantized weight: the decode
+// path of int4_linear (checked arguments, group_size in columns).
+void int4_gemv_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                   const at::Tensor& zero_point, int64_t group_size, at::Tensor& out);
+
 }  // namespace ftcore
