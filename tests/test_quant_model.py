@@ -359,6 +359,28 @@ def test_save_and_load_in_a_fresh_process(tmp_path):
         ftcore.load_quantized(out)
 
 
+def test_quantized_lm_head_exports_saves_and_loads(tmp_path):
+    model = ftcore.apply(tiny("qwen2"), ftcore.QuantConfig(rotation="none", quantize_lm_head=True))  # tied, no R1
+    assert model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    assert model.config.tie_word_embeddings is False  # a reload or post_init must not tie the quantized head back
+    ftcore.export_int4(model)
+    assert isinstance(model.lm_head, Int4Linear)
+    x = ids(4)
+    want = model(x).logits
+    model.generate(x, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    ftcore.save_quantized(model, str(tmp_path / "m"))
+    assert torch.equal(ftcore.load_quantized(str(tmp_path / "m"))(x).logits, want)
+
+
+def test_a_tied_model_without_rotation_saves_and_loads(tmp_path):
+    model = ftcore.export_int4(ftcore.apply(tiny("qwen2"), ftcore.QuantConfig(rotation="none")))
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # still tied
+    x = ids(5)
+    ftcore.save_quantized(model, str(tmp_path / "m"))
+    loaded = ftcore.load_quantized(str(tmp_path / "m"))
+    assert torch.equal(loaded(x).logits, model(x).logits)
+
+
 def test_export_shrinks_linears_and_kv_cache():
     model = ftcore.apply(tiny("llama"), ftcore.QuantConfig(rotation="full"))
     from ftcore.tuners.quantize import kv_cache_bytes_per_token
@@ -400,6 +422,15 @@ def test_unsupported_sizes_layers_and_missing_calibration_are_refused_untouched(
     _refused_untouched(tiny("llama"), ftcore.QuantConfig(rotation="adaptive"), "calibration")
     _refused_untouched(model, ftcore.QuantConfig(w_group_size=32, rotation="none"), "w_group_size")
     ftcore.apply(model, ftcore.QuantConfig(rotation={0: {"r2": True, "r3": True}}))  # R4 off: fine
+
+
+def test_gpt2_with_cross_attention_is_refused_untouched():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, add_cross_attention=True))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="add_cross_attention"):
+        ftcore.apply(model, ftcore.QuantConfig())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_unsupported_architecture_is_refused_naming_the_supported_ones():

@@ -175,6 +175,17 @@ def test_learnable_scale_starts_as_the_min_max_scale_and_learns(group_size):
     torch.testing.assert_close(exported(x), lsq(x).detach(), rtol=1e-5, atol=1e-5)
 
 
+def test_a_learnable_scale_stepped_below_zero_still_gets_a_gradient():
+    torch.manual_seed(1)
+    lsq = RotatedQuantLinear.from_linear(nn.Linear(16, 4), w_learnable_scale=True)
+    with torch.no_grad():
+        lsq.weight_scale[0] = -1e-3  # where a large optimizer step can put it
+    y = lsq(torch.randn(3, 16))
+    assert y.isfinite().all()
+    y.square().sum().backward()
+    assert lsq.weight_scale.grad[0].abs().item() > 0  # the floor is straight-through: the channel can recover
+
+
 def test_learnable_scale_needs_symmetric_quantized_weights():
     with pytest.raises(ValueError, match="w_learnable_scale needs"):
         RotatedQuantLinear(16, 4, w_symmetric=False, w_learnable_scale=True)

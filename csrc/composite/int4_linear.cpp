@@ -54,9 +54,16 @@ at::Tensor int4_linear(const at::Tensor& input, const at::Tensor& packed, const 
   if (input.is_cpu() && x.size(0) <= kInt4GemvRows && input.scalar_type() != at::kDouble) {
     auto y = at::empty({x.size(0), out}, input.options().dtype(at::kFloat));
     if (y.numel() > 0) int4_gemv_cpu(x, packed, scale, zero_point, g, y);
-    auto result = y.to(input.scalar_type());
-    if (bias) result.add_(*bias);
-    return result.view(with_last_dim(input, out));
+    if (bias) y.add_(*bias);  // in float32, rounded once below
+    return y.to(input.scalar_type()).view(with_last_dim(input, out));
+  }
+  // On the CPU half inputs are dequantized and multiplied in float32, as the decode path does, so a sequence's
+  // prefill and its decode steps (and every batch size) compute alike; CUDA keeps the input's dtype for the
+  // tensor cores.
+  if (input.is_cpu() && at::isReducedFloatingType(input.scalar_type())) {
+    auto y = int4_linear(input.to(at::kFloat), packed, scale, zero_point, group_size,
+                         bias ? std::optional<at::Tensor>(bias->to(at::kFloat)) : std::nullopt);
+    return y.to(input.scalar_type());
   }
   auto result = at::empty({x.size(0), out}, input.options());
   // About 2^20 dequantized weights a block (4 MB in fp32): large enough for an efficient GEMM, small enough for L2.

@@ -114,12 +114,14 @@ class KVCodec:
                                            return_params=True)
         shape = x.shape[:-1]
         scale, zero = scale.reshape(*shape, 1), zero.reshape(*shape, 1)
+        # In the fake quantizer's own precision (float32, float64 for a float64 model), so the codes round alike.
+        xa = x.to(torch.promote_types(x.dtype, torch.float32))
         if spec.kv_symmetric:
             offset, top = 2.0 ** (bits - 1), 2.0**bits - 1
-            codes = (torch.round(x.float() / scale) + offset).clamp(0, top)
+            codes = (torch.round(xa / scale) + offset).clamp(0, top)
             zero = torch.full_like(zero, offset)
         else:
-            codes = (torch.round(x.float() / scale) + zero).clamp(0, 2.0**bits - 1)
+            codes = (torch.round(xa / scale) + zero).clamp(0, 2.0**bits - 1)
         codes = codes.to(torch.uint8)
         if self.packed:
             codes = ops.pack_int4(codes.reshape(-1, self.head_dim)).reshape(*shape, self.code_bytes)
@@ -132,8 +134,9 @@ class KVCodec:
         if self.packed:
             codes = ops.unpack_int4(codes.reshape(-1, self.code_bytes)).reshape(*shape, self.head_dim)
         scale = rows[..., self.code_bytes : self.code_bytes + 4].contiguous().view(torch.float32)
-        zero = rows[..., self.code_bytes + 4 :].float()
-        return ((codes.float() - zero) * scale).to(self.dtype)
+        acc = torch.promote_types(self.dtype, torch.float32)
+        zero = rows[..., self.code_bytes + 4 :].to(acc)
+        return ((codes.to(acc) - zero) * scale).to(self.dtype)
 
 
 class _CodedCache:

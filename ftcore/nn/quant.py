@@ -181,13 +181,15 @@ class RotatedQuantLinear(nn.Module):
 
     def _weight_scale(self) -> Optional[Tensor]:
         """The learnable scale as the quantizer takes it: the parameter's value, its gradient scaled by LSQ's
-        1/√(elements per scale · q_max) (so its step is of the weights' order); floored above zero."""
+        1/√(elements per scale · q_max) (so its step is of the weights' order). A value an optimizer step took to
+        zero or below is floored at a tiny positive one straight-through: the gradient still reaches the
+        parameter, so the scale can come back (a plain clamp would zero it and freeze the channel for good)."""
         if self.weight_scale is None:
             return None
         per_scale = self.in_features // self.weight_scale.shape[1]
         g = 1.0 / math.sqrt(per_scale * (2 ** (self.w_bits - 1) - 1))
-        s = self.weight_scale
-        return (s * g + s.detach() * (1 - g)).clamp_min(1e-12)
+        s = self.weight_scale * g + self.weight_scale.detach() * (1 - g)
+        return s + (s.detach().clamp_min(1e-12) - s.detach())
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **config) -> "RotatedQuantLinear":

@@ -75,7 +75,13 @@ def save_quantized(model: nn.Module, path: str, *, overwrite: bool = False) -> N
     os.makedirs(path, exist_ok=True)
     if not overwrite and any(os.path.exists(os.path.join(path, n)) for n in (RECORD_NAME, WEIGHTS_NAME, CONFIG_NAME)):
         raise FileExistsError(f"a model is saved at {path}; pass overwrite=True to replace it")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors, seen = {}, set()
+    for k, v in model.state_dict().items():
+        v = v.detach().to("cpu").contiguous()
+        if v.numel() and v.data_ptr() in seen:  # a tied weight (rotation="none"): safetensors wants its own copy
+            v = v.clone()
+        seen.add(v.data_ptr())
+        tensors[k] = v
     weights_path = os.path.join(path, WEIGHTS_NAME)
     _write_atomically(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _write_atomically(os.path.join(path, CONFIG_NAME), model.config.to_json_file)
@@ -83,7 +89,7 @@ def save_quantized(model: nn.Module, path: str, *, overwrite: bool = False) -> N
         "ftcore_version": __version__,
         "format_version": FORMAT_VERSION,
         "model_class": type(model).__name__,
-        "dtype": str(model.lm_head.weight.dtype),
+        "dtype": str(model.get_input_embeddings().weight.dtype),
         "config": state["config"].to_dict(),
         "plan": state["plan"].to_dict(),
         "exported": state["exported"],

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..nn.attention import ATTENTION, AttentionQuant, KVCodec, attach_coded_cache, register
 from ..nn.quant import QuantErrorLog, RotatedQuantLinear, optional_bits
@@ -191,6 +191,12 @@ def _check(config: QuantConfig, arch: rot.Architecture, r1: bool, flags, calibra
 # ---- building the QAT model ------------------------------------------------------------------------------------
 
 
+def _embeddings(model: nn.Module) -> Tensor:
+    """The input embedding's weight: where the model's dtype and device are read (it stays full precision, while
+    lm_head may become an Int4Linear, which has no weight)."""
+    return model.get_input_embeddings().weight
+
+
 def _linear_settings(config: QuantConfig) -> dict:
     return dict(w_bits=config.w_bits, a_bits=config.a_bits, w_group_size=config.w_group_size,
                 a_group_size=config.a_group_size, w_symmetric=config.w_symmetric, a_symmetric=config.a_symmetric,
@@ -210,7 +216,7 @@ def _prepare(model: nn.Module, r1: bool, config: QuantConfig) -> rot.Architectur
     if r1:
         rot.untie(model)
         rot.fuse_norms(model, arch)
-        rot.rotate_residual(model, arch, rot.residual_signs(arch, config.seed, model.lm_head.weight.device))
+        rot.rotate_residual(model, arch, rot.residual_signs(arch, config.seed, _embeddings(model).device))
     register()
     model.set_attn_implementation(ATTENTION)
     return rot.describe(model)
@@ -219,7 +225,7 @@ def _prepare(model: nn.Module, r1: bool, config: QuantConfig) -> rot.Architectur
 def _build(model: nn.Module, arch: rot.Architecture, config: QuantConfig, flags: List[Dict[str, bool]]) -> None:
     """R2 folded, the linears swapped for RotatedQuantLinear (R4 on down_proj where asked), the attention's
     R3 and K/V quantization set, per layer."""
-    device = model.lm_head.weight.device
+    device = _embeddings(model).device
     head_signs = rot.head_signs(arch, config.seed, device)
     settings = _linear_settings(config)
     for block, layer_flags in zip(arch.blocks, flags):
@@ -237,6 +243,7 @@ def _build(model: nn.Module, arch: rot.Architecture, config: QuantConfig, flags:
             kv_symmetric=config.kv_symmetric, kv_clip_ratio=config.kv_clip_ratio,
         )
     if config.quantize_lm_head:
+        rot.untie(model)  # (done already with R1) lm_head gets its own weight, and the config says so
         model.lm_head = RotatedQuantLinear.from_linear(model.lm_head, **settings)
 
 
@@ -270,7 +277,7 @@ def measure(model: nn.Module, batches: List[dict], desc: str) -> QuantErrorLog:
     """The quantization errors of a QAT model over the calibration batches (no gradients, eval mode)."""
     from tqdm.auto import tqdm
 
-    device = model.lm_head.weight.device
+    device = _embeddings(model).device
     was_training = model.training
     model.eval()
     log = QuantErrorLog()
@@ -327,7 +334,7 @@ def apply_quantization(model: nn.Module, config: QuantConfig, calibration: Optio
 
 def attach_coded_caches(model: nn.Module) -> None:
     state = quant_state(model)
-    dtype = model.lm_head.weight.dtype
+    dtype = _embeddings(model).dtype
     for module in model.modules():
         spec = getattr(module, "ftcore_attention", None)
         if spec is not None and spec.kv_bits is not None:
@@ -371,7 +378,7 @@ def kv_cache_bytes_per_token(model: nn.Module) -> int:
             continue
         kv_heads = module.config.num_key_value_heads if hasattr(module.config, "num_key_value_heads") else module.num_heads
         per_vector = (KVCodec(spec, module.head_dim, torch.float32).bytes_per_vector()
-                      if spec.coded_cache else module.head_dim * model.lm_head.weight.element_size())
+                      if spec.coded_cache else module.head_dim * _embeddings(model).element_size())
         total += 2 * kv_heads * per_vector
     return total
 

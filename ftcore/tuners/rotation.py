@@ -79,6 +79,10 @@ def describe(model: nn.Module) -> Architecture:
     """The Architecture of a supported causal LM; a ValueError naming the supported ones otherwise."""
     model_type = model_type_of(model)
     config = model.config
+    if model_type == "gpt2" and getattr(config, "add_cross_attention", False):
+        # Its cache nests the self-attention cache inside an EncoderDecoderCache, which the coded KV cache does
+        # not reach: refused rather than generating from uncoded K/V.
+        raise ValueError("whole-model quantization does not support GPT-2 with add_cross_attention=True")
     if model_type == "gpt2":
         body = model.transformer
         blocks = [
