@@ -34,6 +34,9 @@ def deepspeed_config(stage):
         # tiny test tensors: without a threshold of 0 ZeRO-3 keeps them whole (persistent), testing nothing
         "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
         "steps_per_print": 10**9,
+        # DeepSpeed clips the gradient norm at 1.0 unless told otherwise; the one-process reference does not clip
+        # (a full fine-tune of the tiny Llama starts near norm 2, so the default would make the runs differ)
+        "gradient_clipping": 0.0,
     }
 
 
@@ -307,6 +310,32 @@ def case_rotated_quant(engine):
     return {"weight_max_diff": max((a - b.weight).abs().max().item() for a, b in zip(weights, ref))}
 
 
+def case_whole_model_qat(engine):
+    """A whole W4A4KV4 QAT model (ftcore.QuantConfig, R1–R4, every parameter trainable) under the engine against
+    one process: the same masters up to the rare quantization level float rounding flips (see the DDP case)."""
+    data = batches(4)
+    config = lambda: ftcore.QuantConfig(rotation="full", seed=5)  # noqa: E731
+    module, step = wrap(engine, ftcore.apply(tiny_llama(), config()))
+    for ids in data[:3]:
+        step(shard(ids))
+    ref = ftcore.apply(tiny_llama(), config())
+    optimizer = torch.optim.AdamW(ftcore.trainable_parameters(ref), lr=LR)
+    for ids in data[:3]:
+        ref(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    inner = getattr(module, "module", module)
+    diffs = [(ftcore.engines.full_fp32(p) - q.detach()).abs()
+             for (_, p), (_, q) in zip(inner.named_parameters(), ref.named_parameters())]
+    with torch.no_grad():
+        out, ref_out = module(input_ids=data[-1]).logits, ref(input_ids=data[-1]).logits
+    return {
+        "param_max_diff": max(d.max().item() for d in diffs),
+        "share_of_entries_off": sum(int((d > 1e-5).sum()) for d in diffs) / sum(d.numel() for d in diffs),
+        "output_max_diff": (out.float() - ref_out).abs().max().item(),
+    }
+
+
 def case_sharded_weight_refuses_a_held_merge(only_rank0):
     """A merged forward before wrapping leaves W0 + Δ in the weight: FSDP2 shards that, which ftcore cannot
     undo on the shards. It says so, instead of training on a wrong base, on every rank even when one rank
@@ -420,6 +449,7 @@ CASES = {
     "fsdp2_state_dict_round_trip": (case_fsdp2_state_dict_round_trip, ()),
     "merged_state_dict_refused": (case_merged_state_dict_refused_under_fsdp2, ()),
     **{f"rotated_quant[{e}]": (case_rotated_quant, (e,)) for e in ("fsdp2", "zero2", "zero3")},
+    **{f"whole_model_qat[{e}]": (case_whole_model_qat, (e,)) for e in ("fsdp2", "zero2", "zero3")},
     "held_merge_refused": (case_sharded_weight_refuses_a_held_merge, (False,)),
     "held_merge_on_one_rank_refused": (case_sharded_weight_refuses_a_held_merge, (True,)),
     "apply_after_wrapping_refused": (case_apply_after_wrapping_refuses, ()),

@@ -69,6 +69,12 @@ def test_rotated_quant_linear_trains_under_the_engine(results, engine):
     assert result(results, f"rotated_quant[{engine}]")["weight_max_diff"] < 1e-5
 
 
+@pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])
+def test_whole_model_qat_trains_under_the_engine_as_one_process(results, engine):
+    r = result(results, f"whole_model_qat[{engine}]")
+    assert r["share_of_entries_off"] < 1e-3 and r["param_max_diff"] < 1e-3 and r["output_max_diff"] < 1e-4, r
+
+
 def test_a_sharded_checkpoint_loads_back_into_the_sharded_model(results):
     assert result(results, "fsdp2_state_dict_round_trip")["output_max_diff"] == 0
 
