@@ -395,11 +395,56 @@ def test_export_shrinks_linears_and_kv_cache():
             assert stored < 0.3 * m.in_features * m.out_features * 2  # vs fp16
 
 
+# ---- block-diagonal rotations for sizes with no Hadamard matrix ----------------------------------------------
+
+
+def tiny_unsupported(dtype=torch.float32) -> nn.Module:
+    """hidden 54 = 2·27, head_dim 18 = 2·9, intermediate 110 = 2·55: no full Hadamard matrix for any of them."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=54, intermediate_size=110, num_hidden_layers=2,
+                                         num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=64))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    return model.to(dtype).eval()
+
+
+def test_block_diagonal_rotations_preserve_logits_fp64():
+    model = exact_norms(tiny_unsupported(torch.float64))
+    x = ids(1)
+    want = model(x).logits
+    config = ftcore.QuantConfig(w_bits=16, a_bits=16, kv_bits=16, rotation="full", rotation_block_size=2)
+    got = ftcore.apply(model, config)(x).logits
+    assert (got - want).abs().max() < 1e-9
+    down = model.model.layers[0].mlp.down_proj
+    assert down.quantizer.online_rotation and down.quantizer.rotation_block_size == 2
+    assert model.model.layers[0].self_attn.ftcore_attention.rotation_block_size == 2
+
+
+def test_block_diagonal_rotations_export_save_and_load(tmp_path):
+    model = ftcore.apply(tiny_unsupported(), ftcore.QuantConfig(rotation="full", rotation_block_size=2))
+    x = ids(2)
+    fake_quant = model(x).logits
+    ftcore.export_int4(model)
+    exported = model(x).logits
+    assert (exported - fake_quant).abs().max() < 1e-3
+    ftcore.save_quantized(model, str(tmp_path / "m"))
+    assert torch.equal(ftcore.load_quantized(str(tmp_path / "m"))(x).logits, exported)
+
+
+def test_a_block_size_leaves_sizes_with_a_hadamard_matrix_full():
+    model = ftcore.apply(tiny("llama"), ftcore.QuantConfig(rotation="full", rotation_block_size=8))
+    assert model.model.layers[0].mlp.down_proj.quantizer.rotation_block_size is None  # 96 = 12·8 has one
+    assert model.model.layers[0].self_attn.ftcore_attention.rotation_block_size is None
+
+
 # ---- refusals before anything changes -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kwargs", [dict(w_bits=9), dict(a_bits=1), dict(kv_bits=True), dict(rotation="r2"),
-                                    dict(rotation={0: {"r5": True}}), dict(w_clip_ratio=1.5), dict(a_group_size=0)])
+                                    dict(rotation={0: {"r5": True}}), dict(w_clip_ratio=1.5), dict(a_group_size=0),
+                                    dict(rotation_block_size=0)])
 def test_bad_configs_are_refused(kwargs):
     with pytest.raises(ValueError):
         ftcore.QuantConfig(**kwargs)
@@ -417,6 +462,8 @@ def _refused_untouched(model, config, match, **kwargs):
 def test_unsupported_sizes_layers_and_missing_calibration_are_refused_untouched():
     model = tiny("llama", intermediate=70)  # 70 = 35·2: no Hadamard matrix of that size
     _refused_untouched(model, ftcore.QuantConfig(rotation="full"), "intermediate_size")
+    _refused_untouched(model, ftcore.QuantConfig(rotation="full", rotation_block_size=4), "does not divide")
+    _refused_untouched(model, ftcore.QuantConfig(rotation="full", rotation_block_size=14), "intermediate_size")
     _refused_untouched(model, ftcore.QuantConfig(rotation={5: {"r2": True}}), "layers")
     _refused_untouched(model, ftcore.QuantConfig(rotation="adaptive"), "intermediate_size")  # it tries R4 on
     _refused_untouched(tiny("llama"), ftcore.QuantConfig(rotation="adaptive"), "calibration")

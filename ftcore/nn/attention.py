@@ -39,7 +39,8 @@ def register() -> None:
 class AttentionQuant:
     """What one attention module does to Q, K and V before attending.
 
-    r3: rotate Q and K per head by the orthonormal Hadamard of head_dim (QKᵀ unchanged).
+    r3: rotate Q and K per head by the orthonormal Hadamard of head_dim (QKᵀ unchanged); block-diagonal with
+        rotation_block_size (for a head_dim with no Hadamard matrix).
     kv_bits: K and V fake-quantized per (token, head) with a straight-through gradient (None: full precision).
     coded_cache: the exported model's mode: K and V come from a cache that already rotated and coded them.
     """
@@ -49,14 +50,18 @@ class AttentionQuant:
     kv_bits: Optional[int] = None
     kv_symmetric: bool = False
     kv_clip_ratio: float = 1.0
+    rotation_block_size: Optional[int] = None
     coded_cache: bool = False
     cache_in_use: bool = False  # set before every forward of an exported model (see attach_coded_cache)
 
     def quantize(self, x: Tensor) -> Tensor:
         return ops.fake_quantize(x, self.kv_bits, self.kv_symmetric, "token", None, self.kv_clip_ratio)
 
+    def rotate(self, x: Tensor) -> Tensor:
+        return ops.hadamard_transform(x, block_size=self.rotation_block_size)
+
     def rotate_key(self, key: Tensor) -> Tensor:
-        return ops.hadamard_transform(key) if self.r3 else key
+        return self.rotate(key) if self.r3 else key
 
     def quantize_kv(self, key: Tensor, value: Tensor):
         """K (already rotated) and V fake-quantized per (token, head), their errors logged."""
@@ -71,7 +76,7 @@ class AttentionQuant:
 
     def __call__(self, query: Tensor, key: Tensor, value: Tensor):
         if self.r3:
-            query = ops.hadamard_transform(query)
+            query = self.rotate(query)
         if self.coded_cache and self.cache_in_use:  # the coded cache rotated and quantized them on the way in
             return query, key, value
         key, value = self.quantize_kv(self.rotate_key(key), value)

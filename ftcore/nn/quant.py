@@ -73,28 +73,43 @@ class _Quantizer:
     """How activations are rotated and fake-quantized on the way in: shared by the training and the exported
     layer, so both see the same activation."""
 
-    def __init__(self, in_features: int, a_bits, a_group_size, a_symmetric, a_clip_ratio, online_rotation):
+    def __init__(self, in_features: int, a_bits, a_group_size, a_symmetric, a_clip_ratio, online_rotation,
+                 rotation_block_size=None):
         self.a_bits, self.a_symmetric, self.a_clip_ratio = a_bits, a_symmetric, a_clip_ratio
         self.a_granularity, self.a_group_size = _granularity("a_group_size", a_group_size, "token")
         if a_group_size is not None and in_features % a_group_size:
             raise ValueError(f"a_group_size ({a_group_size}) must divide in_features ({in_features})")
         self.online_rotation = online_rotation
+        if rotation_block_size is not None:
+            if isinstance(rotation_block_size, bool) or not isinstance(rotation_block_size, int) or rotation_block_size < 1 \
+                    or in_features % rotation_block_size:
+                raise ValueError(f"rotation_block_size must be a positive divisor of in_features ({in_features}), "
+                                 f"got {rotation_block_size!r}")
+            hadamard_factors(rotation_block_size)  # a clear error now for a block with no Hadamard matrix
+        elif online_rotation:
+            hadamard_factors(in_features)  # a clear error now for a size with no Hadamard matrix
+        self.rotation_block_size = rotation_block_size
 
     def settings(self) -> dict:
         return dict(a_bits=self.a_bits, a_group_size=self.a_group_size, a_symmetric=self.a_symmetric,
-                    a_clip_ratio=self.a_clip_ratio, online_rotation=self.online_rotation)
+                    a_clip_ratio=self.a_clip_ratio, online_rotation=self.online_rotation,
+                    rotation_block_size=self.rotation_block_size)
+
+    def rotate(self, x: Tensor, signs: Optional[Tensor], transpose: bool = False) -> Tensor:
+        """The online rotation (full, or block-diagonal with rotation_block_size) or its transpose."""
+        return ops.hadamard_transform(x, signs=signs, transpose=transpose, block_size=self.rotation_block_size)
 
     def exact(self, x: Tensor, signs: Optional[Tensor]) -> Tensor:
         """The activation before its quantization (rotated when the rotation is online)."""
-        return ops.hadamard_transform(x, signs=signs) if self.online_rotation else x
+        return self.rotate(x, signs) if self.online_rotation else x
 
     def __call__(self, x: Tensor, signs: Optional[Tensor]) -> Tensor:
-        if self.online_rotation and self.a_bits is not None:
+        if self.online_rotation and self.a_bits is not None and self.rotation_block_size is None:
             return ops.rotate_fake_quantize(
                 x, self.a_bits, self.a_symmetric, self.a_granularity, self.a_group_size, self.a_clip_ratio, signs=signs
             )
-        if self.online_rotation:
-            x = ops.hadamard_transform(x, signs=signs)
+        if self.online_rotation:  # (block-diagonal: the rotation, then the quantizer, unfused)
+            x = self.rotate(x, signs)
         if self.a_bits is not None:
             x = ops.fake_quantize(x, self.a_bits, self.a_symmetric, self.a_granularity, self.a_group_size, self.a_clip_ratio)
         return x
@@ -108,6 +123,8 @@ class RotatedQuantLinear(nn.Module):
     a_group_size: None for one scale per token, else per group. *_symmetric, *_clip_ratio: as ops.fake_quantize.
     online_rotation: rotate the input by R = H·diag(s)/√in at run time (fused with its fake quantization) and fold
         Rᵀ into the weight once; in_features must be a supported Hadamard size (ftcore.hadamard.is_supported).
+    rotation_block_size: make that rotation block-diagonal, H_b on each run of b inputs (b a supported size
+        dividing in_features): for sizes with no full Hadamard matrix. Rotation and quantizer then run unfused.
     rotation_seed: the seed of the random ±1 diagonal s (None: no signs, the plain Hadamard matrix).
     w_learnable_scale: learn the weight's quantization scale (LSQ, Esser et al.) as ``weight_scale`` (rows ×
         groups, float32), initialised to the min/max scale the layer would use otherwise; needs w_symmetric. Its
@@ -136,6 +153,7 @@ class RotatedQuantLinear(nn.Module):
         a_clip_ratio: float = 1.0,
         online_rotation: bool = False,
         rotation_seed: Optional[int] = 0,
+        rotation_block_size: Optional[int] = None,
         w_learnable_scale: bool = False,
         device=None,
         dtype=None,
@@ -148,10 +166,9 @@ class RotatedQuantLinear(nn.Module):
             raise ValueError(f"w_group_size ({w_group_size}) must divide in_features ({in_features})")
         self.w_symmetric, self.w_clip_ratio = w_symmetric, w_clip_ratio
         self.quantizer = _Quantizer(
-            in_features, optional_bits(a_bits, "a_bits"), a_group_size, a_symmetric, a_clip_ratio, online_rotation
+            in_features, optional_bits(a_bits, "a_bits"), a_group_size, a_symmetric, a_clip_ratio, online_rotation,
+            rotation_block_size,
         )
-        if online_rotation:
-            hadamard_factors(in_features)  # a clear error now for a size with no Hadamard matrix
         master = torch.float64 if dtype == torch.float64 else torch.float32
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=master))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
@@ -204,7 +221,7 @@ class RotatedQuantLinear(nn.Module):
             master = w.detach()
             if layer.quantizer.online_rotation:
                 # (W·Rᵀ)[o, :] = R·W[o, :]: the rotation of each row, once, computed in float64.
-                master = ops.hadamard_transform(master.double(), signs=layer.rotation_signs)
+                master = layer.quantizer.rotate(master.double(), layer.rotation_signs)
             layer.weight.copy_(master)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
@@ -233,7 +250,7 @@ class RotatedQuantLinear(nn.Module):
         """The master weight in the original input basis, W = (W·Rᵀ)·R (fp32, detached)."""
         w = self.weight.detach()
         if self.quantizer.online_rotation:
-            w = ops.hadamard_transform(w, signs=self.rotation_signs, transpose=True)
+            w = self.quantizer.rotate(w, self.rotation_signs, transpose=True)
         return w
 
     def forward(self, x: Tensor) -> Tensor:
@@ -301,6 +318,7 @@ class Int4Linear(nn.Module):
         a_clip_ratio: float = 1.0,
         online_rotation: bool = False,
         rotation_signs: bool = False,
+        rotation_block_size: Optional[int] = None,
         device=None,
         dtype=torch.float32,
     ):
@@ -313,7 +331,7 @@ class Int4Linear(nn.Module):
         self.group_size = _granularity("group_size", group_size, "channel")[1]
         groups = 1 if group_size is None else in_features // group_size
         self.quantizer = _Quantizer(in_features, optional_bits(a_bits, "a_bits"), a_group_size, a_symmetric,
-                                    a_clip_ratio, online_rotation)
+                                    a_clip_ratio, online_rotation, rotation_block_size)
         self.register_buffer("packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scale", torch.ones(out_features, groups, dtype=torch.float32, device=device))
         self.register_buffer("zero_point", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))

@@ -63,7 +63,7 @@ def _build_module(record: dict) -> nn.Module:
 
 def _attention_record(spec: AttentionQuant) -> dict:
     return {"layer": spec.layer, "r3": spec.r3, "kv_bits": spec.kv_bits, "kv_symmetric": spec.kv_symmetric,
-            "kv_clip_ratio": spec.kv_clip_ratio}
+            "kv_clip_ratio": spec.kv_clip_ratio, "rotation_block_size": spec.rotation_block_size}
 
 
 def save_quantized(model: nn.Module, path: str, *, overwrite: bool = False) -> None:

@@ -41,6 +41,8 @@ class QuantConfig:
         are off).
     *_symmetric, *_clip_ratio: as ops.fake_quantize (asymmetric min/max clipped to 0.95, as RoSTE).
     w_learnable_scale: learn each linear's weight scale (LSQ; needs w_symmetric=True), off by default as RoSTE.
+    rotation_block_size: for a rotated size with no full Hadamard matrix (hidden_size for R1, head_dim for R2/R3,
+        intermediate_size for R4), a block-diagonal rotation, H_b on each run of b; sizes that have one keep it.
     seed: the Hadamard sign diagonals (R1: seed, R2: seed + 1, R4: seed + 2).
     quantize_lm_head: lm_head quantized too (the embeddings always stay full precision).
     """
@@ -58,6 +60,7 @@ class QuantConfig:
     w_group_size: Optional[int] = None
     a_group_size: Optional[int] = None
     w_learnable_scale: bool = False
+    rotation_block_size: Optional[int] = None
     seed: int = 42
     quantize_lm_head: bool = False
 
@@ -71,7 +74,7 @@ class QuantConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
                 raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
-        for name in ("w_group_size", "a_group_size"):
+        for name in ("w_group_size", "a_group_size", "rotation_block_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
@@ -172,13 +175,14 @@ def _requested_plan(config: QuantConfig, arch: rot.Architecture) -> Tuple[bool, 
 
 
 def _check(config: QuantConfig, arch: rot.Architecture, r1: bool, flags, calibration) -> None:
+    b = config.rotation_block_size
     if r1:
-        rot.check_rotation_size(arch.hidden_size, "R1: hidden_size")
+        rot.check_rotation_size(arch.hidden_size, "R1: hidden_size", b)
     wanted = set(FLAGS) if flags is None else {f for layer in flags for f, on in layer.items() if on}
     if wanted & {"r2", "r3"}:
-        rot.check_rotation_size(arch.head_dim, "R2/R3: head_dim")
+        rot.check_rotation_size(arch.head_dim, "R2/R3: head_dim", b)
     if "r4" in wanted:
-        rot.check_rotation_size(arch.intermediate_size, "R4: intermediate_size")
+        rot.check_rotation_size(arch.intermediate_size, "R4: intermediate_size", b)
     if flags is None and calibration is None:
         raise ValueError("rotation='adaptive' chooses R2/R3/R4 from calibration errors: pass calibration=batches")
     for name, group in (("w_group_size", config.w_group_size), ("a_group_size", config.a_group_size)):
@@ -216,7 +220,8 @@ def _prepare(model: nn.Module, r1: bool, config: QuantConfig) -> rot.Architectur
     if r1:
         rot.untie(model)
         rot.fuse_norms(model, arch)
-        rot.rotate_residual(model, arch, rot.residual_signs(arch, config.seed, _embeddings(model).device))
+        rot.rotate_residual(model, arch, rot.residual_signs(arch, config.seed, _embeddings(model).device),
+                            rot.block_for(arch.hidden_size, config.rotation_block_size))
     register()
     model.set_attn_implementation(ATTENTION)
     return rot.describe(model)
@@ -228,19 +233,23 @@ def _build(model: nn.Module, arch: rot.Architecture, config: QuantConfig, flags:
     device = _embeddings(model).device
     head_signs = rot.head_signs(arch, config.seed, device)
     settings = _linear_settings(config)
+    head_block = rot.block_for(arch.head_dim, config.rotation_block_size)
+    r4_block = rot.block_for(arch.intermediate_size, config.rotation_block_size)
     for block, layer_flags in zip(arch.blocks, flags):
         if layer_flags["r2"]:
-            rot.rotate_values(block, arch, head_signs)
+            rot.rotate_values(block, arch, head_signs, head_block)
         for path in block.attention_readers + block.mlp_readers + [block.o_proj, block.down_proj]:
             online = layer_flags["r4"] and path == block.down_proj
             linear = RotatedQuantLinear.from_linear(block.get(path), online_rotation=online,
-                                                    rotation_seed=config.seed + 2, **settings)
+                                                    rotation_seed=config.seed + 2,
+                                                    rotation_block_size=r4_block if online else None, **settings)
             if path in (block.o_proj, block.down_proj):
                 linear.error_name = (block.index, "o_proj" if path == block.o_proj else "down_proj")
             set_submodule(block.layer, path, linear)
         block.attention.ftcore_attention = AttentionQuant(
             getattr(block.attention, "layer_idx", block.index), r3=layer_flags["r3"], kv_bits=config.kv_bits,
             kv_symmetric=config.kv_symmetric, kv_clip_ratio=config.kv_clip_ratio,
+            rotation_block_size=head_block if layer_flags["r3"] else None,
         )
     if config.quantize_lm_head:
         rot.untie(model)  # (done already with R1) lm_head gets its own weight, and the config says so

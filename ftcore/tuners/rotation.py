@@ -109,13 +109,26 @@ def describe(model: nn.Module) -> Architecture:
     )
 
 
-def check_rotation_size(n: int, what: str) -> None:
-    """A clear error, before anything changes, for a size with no Hadamard matrix."""
+def block_for(n: int, block_size: Optional[int]) -> Optional[int]:
+    """The block size a rotation over n uses: None (the full transform) when n has a Hadamard matrix, else
+    block_size (QuantConfig.rotation_block_size, None when not given)."""
     try:
         hadamard_factors(n)
+        return None
+    except ValueError:
+        return block_size
+
+
+def check_rotation_size(n: int, what: str, block_size: Optional[int] = None) -> None:
+    """A clear error, before anything changes, for a size with no Hadamard matrix and no usable block size."""
+    block = block_for(n, block_size)
+    try:
+        hadamard_factors(n if block is None else block)
     except ValueError as exc:
-        raise ValueError(f"{what} ({n}) has no Hadamard rotation: {str(exc).rstrip('.')}. Use rotation='none' or a per-layer plan "
-                         "that leaves it off") from None
+        raise ValueError(f"{what} ({n}) has no Hadamard rotation: {str(exc).rstrip('.')}. Use rotation='none', a "
+                         "per-layer plan that leaves it off, or rotation_block_size= for a block-diagonal rotation") from None
+    if block is not None and (block < 1 or n % block):
+        raise ValueError(f"{what} ({n}) has no full Hadamard rotation and rotation_block_size ({block}) does not divide it")
 
 
 # ---- the exact rewrites, each in float64 ----------------------------------------------------------------------
@@ -126,14 +139,14 @@ def _store(param: Tensor, value: Tensor) -> None:
         param.copy_(value.to(param.dtype))
 
 
-def rotate_rows(w: Tensor, signs: Optional[Tensor], transpose: bool = False) -> Tensor:
-    """Each row r ↦ r·Mᵀ (or r·M with transpose), in float64."""
-    return ops.hadamard_transform(w.detach().double(), signs=signs, transpose=transpose)
+def rotate_rows(w: Tensor, signs: Optional[Tensor], transpose: bool = False, block_size: Optional[int] = None) -> Tensor:
+    """Each row r ↦ r·Mᵀ (or r·M with transpose), in float64; M block-diagonal with block_size."""
+    return ops.hadamard_transform(w.detach().double(), signs=signs, transpose=transpose, block_size=block_size)
 
 
-def rotate_columns(w: Tensor, signs: Optional[Tensor], transpose: bool = False) -> Tensor:
+def rotate_columns(w: Tensor, signs: Optional[Tensor], transpose: bool = False, block_size: Optional[int] = None) -> Tensor:
     """W ↦ M·W (or Mᵀ·W): the rotation of every column, in float64."""
-    return rotate_rows(w.t(), signs, transpose).t()
+    return rotate_rows(w.t(), signs, transpose, block_size).t()
 
 
 def conv1d_to_linear(module: nn.Module) -> nn.Linear:
@@ -218,36 +231,38 @@ def fuse_norms(model: nn.Module, arch: Architecture) -> None:
         setattr(model.get_submodule(parent), name, _rms_norm_for(model.get_submodule(arch.final_norm_path)))
 
 
-def rotate_residual(model: nn.Module, arch: Architecture, signs: Tensor) -> None:
-    """R1 over the residual stream (norms already fused)."""
+def rotate_residual(model: nn.Module, arch: Architecture, signs: Tensor, block_size: Optional[int] = None) -> None:
+    """R1 over the residual stream (norms already fused); block-diagonal with block_size."""
+    b = block_size
     for embedding in arch.embeddings:
-        _store(embedding.weight, rotate_rows(embedding.weight, signs))
+        _store(embedding.weight, rotate_rows(embedding.weight, signs, block_size=b))
     readers = [model.lm_head]
     for block in arch.blocks:
         readers += [block.get(p) for p in block.attention_readers + block.mlp_readers]
         for path in (block.o_proj, block.down_proj):
             writer = block.get(path)
-            _store(writer.weight, rotate_columns(writer.weight, signs))  # M·W = R1ᵀ·W
+            _store(writer.weight, rotate_columns(writer.weight, signs, block_size=b))  # M·W = R1ᵀ·W
             if writer.bias is not None:
-                _store(writer.bias, rotate_rows(writer.bias, signs))
+                _store(writer.bias, rotate_rows(writer.bias, signs, block_size=b))
     for reader in readers:
-        _store(reader.weight, rotate_rows(reader.weight, signs))
+        _store(reader.weight, rotate_rows(reader.weight, signs, block_size=b))
 
 
-def rotate_values(block: Block, arch: Architecture, signs: Tensor) -> None:
+def rotate_values(block: Block, arch: Architecture, signs: Tensor, block_size: Optional[int] = None) -> None:
     """R2 in one layer: each KV head's value output (rows and bias) by M_d, each o_proj head block by M_d on
-    its input side, so attention·V·M_d·(W_o·M_d)ᵀ = attention·V·W_oᵀ."""
+    its input side, so attention·V·M_d·(W_o·M_d)ᵀ = attention·V·W_oᵀ (M_d block-diagonal with block_size)."""
+    b = block_size
     d, kv = arch.head_dim, arch.num_kv_heads
     v, o = block.get(block.v_linear), block.get(block.o_proj)
     rows = slice(block.v_offset, block.v_offset + kv * d)
     w_v = v.weight.detach()[rows].double().unflatten(0, (kv, d))  # (kv, d, in)
-    w_v = rotate_rows(w_v.transpose(1, 2), signs).transpose(1, 2).flatten(0, 1)
+    w_v = rotate_rows(w_v.transpose(1, 2), signs, block_size=b).transpose(1, 2).flatten(0, 1)
     with torch.no_grad():
         v.weight[rows] = w_v.to(v.weight.dtype)
         if v.bias is not None:
-            v.bias[rows] = rotate_rows(v.bias.detach()[rows].unflatten(0, (kv, d)), signs).flatten().to(v.bias.dtype)
+            v.bias[rows] = rotate_rows(v.bias.detach()[rows].unflatten(0, (kv, d)), signs, block_size=b).flatten().to(v.bias.dtype)
     w_o = o.weight.detach().double().unflatten(1, (arch.num_heads, d))  # (out, heads, d)
-    _store(o.weight, rotate_rows(w_o, signs).flatten(1))
+    _store(o.weight, rotate_rows(w_o, signs, block_size=b).flatten(1))
 
 
 def residual_signs(arch: Architecture, seed: int, device) -> Tensor:
