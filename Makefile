@@ -65,7 +65,8 @@ retention: build
 	$(PY) bench/retention.py $(if $(QUICK),--quick,)
 
 # W4A4(KV4) quality on real-ish weights: the retention LM's perplexity (fp, RTN with and without rotations, a RoSTE
-# fine-tune) and all-MiniLM-L6-v2's embedding cosines; QUICK=1 a shorter pretraining and fewer seeds and steps.
+# fine-tune) and all-MiniLM-L6-v2's embedding cosines, 3 seeds (about 25 minutes on 2 cores with the retention
+# LM cached, 7 more to pretrain it); QUICK=1 a shorter pretraining and fewer seeds and steps.
 quant-quality: build
 	$(PY) bench/bench_quant_quality.py $(if $(QUICK),--quick,)
 
