@@ -38,6 +38,7 @@ import retention as R  # noqa: E402  (the pretrained LM, the text splits, the se
 import ftcore  # noqa: E402
 from ftcore.nn.quant import QuantErrorLog, RotatedQuantLinear  # noqa: E402
 from ftcore.tuners import rotation as rot  # noqa: E402
+from ftcore.tuners.quantize import _linear_settings, rotation_errors  # noqa: E402
 from ftcore.tuners.targets import set_submodule  # noqa: E402
 
 # The fine-tune: a small learning rate (the pretraining ended at 3e-4; 1e-3 for 200 steps made both the QAT and
@@ -144,8 +145,7 @@ def quantize_bert(bert, flags, seed: int, bits: int = 4):
         for path in LINEARS:
             linear = RotatedQuantLinear.from_linear(
                 block.get(path), online_rotation=f["r4"] and path == block.down_proj, rotation_seed=seed + 2,
-                w_bits=config.w_bits, a_bits=config.a_bits, w_symmetric=config.w_symmetric, a_symmetric=config.a_symmetric,
-                w_clip_ratio=config.w_clip_ratio, a_clip_ratio=config.a_clip_ratio)
+                **_linear_settings(config))
             if path in (block.o_proj, block.down_proj):
                 linear.error_name = (block.index, "o_proj" if path == block.o_proj else "down_proj")
             set_submodule(block.layer, path, linear)
@@ -190,8 +190,7 @@ def minilm_quality(mode: dict, log=print) -> dict:
         log_ = QuantErrorLog()
         with log_.recording():
             embed(model, calibration)
-        return [{"r2": log_.mean((i, "o_proj", "weight")) + log_.mean((i, "o_proj", "input")),
-                 "r4": log_.mean((i, "down_proj", "weight")) + log_.mean((i, "down_proj", "input"))} for i in range(layers)]
+        return [rotation_errors(log_, i) for i in range(layers)]  # (no V or K term: BERT's K/V stay unquantized)
 
     off = [{"r2": False, "r4": False}] * layers
     on = [{"r2": True, "r4": True}] * layers
