@@ -233,36 +233,35 @@ def fuse_norms(model: nn.Module, arch: Architecture) -> None:
 
 def rotate_residual(model: nn.Module, arch: Architecture, signs: Tensor, block_size: Optional[int] = None) -> None:
     """R1 over the residual stream (norms already fused); block-diagonal with block_size."""
-    b = block_size
     for embedding in arch.embeddings:
-        _store(embedding.weight, rotate_rows(embedding.weight, signs, block_size=b))
+        _store(embedding.weight, rotate_rows(embedding.weight, signs, block_size=block_size))
     readers = [model.lm_head]
     for block in arch.blocks:
         readers += [block.get(p) for p in block.attention_readers + block.mlp_readers]
         for path in (block.o_proj, block.down_proj):
             writer = block.get(path)
-            _store(writer.weight, rotate_columns(writer.weight, signs, block_size=b))  # M·W = R1ᵀ·W
+            _store(writer.weight, rotate_columns(writer.weight, signs, block_size=block_size))  # M·W = R1ᵀ·W
             if writer.bias is not None:
-                _store(writer.bias, rotate_rows(writer.bias, signs, block_size=b))
+                _store(writer.bias, rotate_rows(writer.bias, signs, block_size=block_size))
     for reader in readers:
-        _store(reader.weight, rotate_rows(reader.weight, signs, block_size=b))
+        _store(reader.weight, rotate_rows(reader.weight, signs, block_size=block_size))
 
 
 def rotate_values(block: Block, arch: Architecture, signs: Tensor, block_size: Optional[int] = None) -> None:
     """R2 in one layer: each KV head's value output (rows and bias) by M_d, each o_proj head block by M_d on
     its input side, so attention·V·M_d·(W_o·M_d)ᵀ = attention·V·W_oᵀ (M_d block-diagonal with block_size)."""
-    b = block_size
     d, kv = arch.head_dim, arch.num_kv_heads
     v, o = block.get(block.v_linear), block.get(block.o_proj)
     rows = slice(block.v_offset, block.v_offset + kv * d)
     w_v = v.weight.detach()[rows].double().unflatten(0, (kv, d))  # (kv, d, in)
-    w_v = rotate_rows(w_v.transpose(1, 2), signs, block_size=b).transpose(1, 2).flatten(0, 1)
+    w_v = rotate_rows(w_v.transpose(1, 2), signs, block_size=block_size).transpose(1, 2).flatten(0, 1)
     with torch.no_grad():
         v.weight[rows] = w_v.to(v.weight.dtype)
         if v.bias is not None:
-            v.bias[rows] = rotate_rows(v.bias.detach()[rows].unflatten(0, (kv, d)), signs, block_size=b).flatten().to(v.bias.dtype)
+            bias = rotate_rows(v.bias.detach()[rows].unflatten(0, (kv, d)), signs, block_size=block_size)
+            v.bias[rows] = bias.flatten().to(v.bias.dtype)
     w_o = o.weight.detach().double().unflatten(1, (arch.num_heads, d))  # (out, heads, d)
-    _store(o.weight, rotate_rows(w_o, signs, block_size=b).flatten(1))
+    _store(o.weight, rotate_rows(w_o, signs, block_size=block_size).flatten(1))
 
 
 def residual_signs(arch: Architecture, seed: int, device) -> Tensor:
