@@ -117,3 +117,14 @@ def test_inductor_training_equals_eager(merged):
     expected = losses(model, model)
     model = ftcore.apply(tiny_llama(), CONFIGS["sparse"](merged))
     assert losses(model, torch.compile(model, fullgraph=not merged)) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("learnable_scale", [False, True], ids=["minmax-scale", "lsq-scale"])
+def test_compiled_quantization_aware_training_equals_eager(learnable_scale):
+    """Whole-model QAT (R1–R4, W4A4KV4 through the ftcore attention function; with or without LSQ scales)."""
+    config = lambda: ftcore.QuantConfig(rotation="full", w_symmetric=True, w_learnable_scale=learnable_scale)  # noqa: E731
+    model = ftcore.apply(tiny_llama(), config())
+    expected = losses(model, model)
+    model = ftcore.apply(tiny_llama(), config())
+    compiled = torch.compile(model, backend="aot_eager")
+    assert losses(model, compiled) == pytest.approx(expected, rel=1e-5)

@@ -261,6 +261,20 @@ def test_qat_gradients_reach_every_master_and_no_hadamard_buffer(kind):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("learnable_scale", [False, True])
+def test_a_second_forward_before_backward_gives_the_summed_gradients(learnable_scale):
+    config = lambda: ftcore.QuantConfig(rotation="full", w_symmetric=True, w_learnable_scale=learnable_scale)  # noqa: E731
+    a, b = ids(1), ids(2)
+    model = ftcore.apply(tiny("llama"), config())
+    (model(input_ids=a, labels=a).loss + model(input_ids=b, labels=b).loss).backward()  # two graphs alive at once
+    together = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    for x in (a, b):
+        model(input_ids=x, labels=x).loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, together[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
 def test_trainer_runs_a_qat_step(tmp_path):
     from transformers import Trainer, TrainingArguments
 
